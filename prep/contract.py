@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -24,7 +23,8 @@ STATS_NAME = "stats.json"
 SPLITS = ("train", "validation")
 IMAGE_SIZE = 256  # every sample's `jpg` is IMAGE_SIZE x IMAGE_SIZE RGB
 FIELDS = ("jpg", "cls", "json")  # the fields of every sample, besides __key__
-SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{6})\.tar$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # reading the umask means setting it; put it straight back
 
 
 class ContractError(Exception):
@@ -66,6 +66,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            # mkstemp makes the file 0600; give it the mode a plain open() would have
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
