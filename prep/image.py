@@ -1,0 +1,183 @@
+"""One image in, one 256x256 baseline JPEG out: the per-image stage of `alexprep`.
+
+`process(data)` decodes any image Pillow can identify among the formats ImageNet-like sources hold
+(decided by content, never by file name), converts it to RGB, scales its shorter side to `size` with
+a Lanczos filter, takes the central `size` x `size` crop (the AlexNet paper's preprocessing) and
+encodes it as a baseline JPEG. Inputs that cannot be decoded raise `SkipImage` with a one-line reason
+that the shard builder records.
+
+Speed without changing the result (>= 40 dB PSNR against a full decode + Lanczos resize of the whole
+image, see tests/test_image.py):
+- JPEG draft mode: libjpeg scales large images by 1/2, 1/4 or 1/8 inside the inverse DCT, which is
+  several times cheaper than decoding every pixel. We draft only down to >= 2x the target on the
+  shorter side; drafting all the way to `size` loses detail (about 37 dB).
+- Only the crop region is resampled (`Image.resize(box=...)`), with exactly the sample positions a
+  whole-image resize followed by a crop would use, so the two agree pixel for pixel.
+
+The reference geometry: shorter side -> `size`, longer side -> round(long * size / short), then a
+crop at offset floor((resized - size) / 2) on each axis.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import PIL
+from PIL import Image
+
+# Pillow's own default warning size (1024**3 // 4 // 3 pixels). ImageNet's largest image is about
+# 12 MP, so anything above this is a hostile or broken header, not a photo. We check it ourselves so
+# the limit holds whatever a caller did to Image.MAX_IMAGE_PIXELS.
+MAX_PIXELS = 89_478_485
+
+# The formats we accept, identified by content. Restricting Image.open keeps odd plugins (EPS runs
+# Ghostscript) away from untrusted bytes. The JPEG opener also yields "MPO" (a JPEG with a
+# multi-picture header, as some cameras write); both take draft mode.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+WHITE = (255, 255, 255)
+SUBSAMPLING = "4:2:0"  # chroma halved both ways: Pillow's default below quality 100, stated explicitly
+
+
+class SkipImage(Exception):
+    """An input that cannot become a training image; `str(e)` is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Processed:
+    jpeg: bytes  # baseline JPEG, size x size RGB
+    pixels: np.ndarray  # (size, size, 3) uint8 RGB, exactly the pixels that were JPEG-encoded
+    width: int  # original size, before any scaling
+    height: int
+    mode: str  # original PIL mode, e.g. "CMYK"
+    format: str  # format detected from the content, e.g. "PNG"
+
+
+def pillow_flavour() -> str:
+    """Which PIL is imported: "pillow-simd 12.1.1.post0" or "Pillow 13.0.0".
+
+    pillow-simd installs the same `PIL` module as Pillow, and pip keeps both dists' metadata when it
+    is overlaid, so the module's version decides: it matches the pillow-simd dist (".postN") only
+    when pillow-simd's files are the ones on disk.
+    """
+    try:
+        simd = importlib.metadata.version("pillow-simd")
+    except importlib.metadata.PackageNotFoundError:
+        simd = None
+    if simd is not None and simd == PIL.__version__:
+        return f"pillow-simd {PIL.__version__}"
+    return f"Pillow {PIL.__version__}"
+
+
+def _open(data: bytes) -> Image.Image:
+    """Identify the image and read its header (no pixels yet); bombs and empty sizes are refused."""
+    if not data:
+        raise SkipImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between 1x and 2x its limit and raises above; we apply our own limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as e:
+        raise SkipImage(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise SkipImage("not an image: unidentified format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # A recognised signature with a broken header.
+        raise SkipImage(f"not an image: {e}") from None
+    # Pillow itself refuses zero-sized headers ("not identified"), so they arrive here as "not an image".
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise SkipImage(f"decompression bomb: {w}x{h} = {w * h} pixels > {MAX_PIXELS}")
+    return im
+
+
+def _reference_box(w: int, h: int, size: int) -> tuple[float, float, float, float]:
+    """The source region (in original pixels) that becomes the size x size centre crop."""
+    short = min(w, h)
+    rw, rh = (size, round(h * size / w)) if w == short else (round(w * size / h), size)
+    left, top = (rw - size) // 2, (rh - size) // 2
+    # Multiply before dividing: an edge that is the image's own edge comes out exactly w or h.
+    return (left * w / rw, top * h / rh, (left + size) * w / rw, (top + size) * h / rh)
+
+
+def _draft_scale(w: int, h: int, size: int) -> int:
+    """Largest DCT scale (1, 2, 4, 8) that keeps the shorter side >= 2 * size."""
+    short = min(w, h)
+    for scale in (8, 4, 2):
+        if short >= 2 * size * scale:
+            return scale
+    return 1
+
+
+def _to_rgb_or_l(im: Image.Image) -> Image.Image:
+    """Decoded image -> "RGB" or "L" (grey stays one channel until after the resize: 3x less work)."""
+    mode = im.mode
+    if mode in ("RGB", "L"):
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey (PNG). Pillow's convert() clips at 255 instead of scaling, which would turn a
+        # normal 16-bit photo white; keep the high byte. "I" is how older Pillows open the same files.
+        a = np.asarray(im).astype(np.int64) >> 8
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Composite on white rather than dropping alpha: transparent pixels often hold arbitrary
+        # (commonly black) colour, and a white page is how a viewer shows such an image.
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    try:
+        # CMYK (Adobe-inverted JPEGs are handled by Pillow's decoder), P, 1, YCbCr, ...: a plain
+        # conversion, no ICC colour management, as ImageNet tooling has always done.
+        return im.convert("RGB")
+    except ValueError as e:
+        raise SkipImage(f"unsupported mode {mode}: {e}") from None
+
+
+def process(data: bytes, size: int = 256, quality: int = 90) -> Processed:
+    """Decode `data`, scale the shorter side to `size` (Lanczos), centre-crop, encode baseline JPEG.
+
+    EXIF orientation is NOT applied: ImageNet's labels, boxes and every published pipeline use the
+    stored pixel order. Multi-frame images (GIF, APNG) use their first frame. The same bytes in give
+    the same bytes out (with the same Pillow build).
+    """
+    with _open(data) as im:
+        w, h = im.size
+        mode, fmt = im.mode, im.format
+        scale = _draft_scale(w, h, size)
+        if scale > 1 and fmt in ("JPEG", "MPO"):
+            # draft() returns the decoded region in drafted pixels: (0, 0, w / scale, h / scale).
+            drafted = im.draft(im.mode, (w // scale, h // scale))
+            scale = 1 if drafted is None else round(w / drafted[1][2])
+        else:
+            scale = 1
+        try:
+            im.load()
+        except OSError as e:
+            if "truncated" in str(e):
+                raise SkipImage("truncated image") from None
+            raise SkipImage(f"unreadable image: {e}") from None
+        except (SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+            raise SkipImage(f"unreadable image: {e}") from None
+        img = _to_rgb_or_l(im)
+        box = tuple(c / scale for c in _reference_box(w, h, size))
+        out = img.resize((size, size), Image.Resampling.LANCZOS, box=box)
+    if out.mode == "L":
+        out = out.convert("RGB")
+    # resize() copies the source's info (EXIF, ICC profile, JPEG comment); the JPEG writer would
+    # carry the comment over. Clear it so the output depends on the pixels alone.
+    out.info = {}
+    pixels = np.asarray(out)
+    pixels.flags.writeable = False
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING, optimize=False, progressive=False)
+    return Processed(jpeg=buf.getvalue(), pixels=pixels, width=w, height=h, mode=mode, format=fmt)
