@@ -1,0 +1,263 @@
+"""The shard writer: plan, bytes, determinism across workers, resume (simulated and by real SIGKILL), skips."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DEMO_PER_CLASS, DEMO_SHARD_SIZE
+from quirk_images import write_quirk_files
+
+from prep import synthetic
+from prep.build import BUILD_DIR, BuildConfig, BuildError, build_shards, plan_split
+from prep.contract import FIELDS, INFO_NAME, SPLITS, STATS_NAME, imagenet_classes, read_info, shard_name
+from prep.image import pillow_flavour, process
+from prep.source import SourceError
+
+SMALL = {"per_class": {"train": 6, "validation": 3}, "shard_size": 8}  # 60 + 30 inputs, 8 + 4 shards
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (the .build bookkeeping included), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_tar(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_plan_is_a_seeded_permutation_cut_into_shards():
+    plans = plan_split(103, "train", seed=5, shard_size=25, limit=None)
+    assert [p.filename for p in plans] == [shard_name("train", k) for k in range(5)]
+    assert [len(p.items) for p in plans] == [25, 25, 25, 25, 3]
+    order = np.concatenate([p.items for p in plans])
+    assert sorted(order.tolist()) == list(range(103)) and order.tolist() != list(range(103))
+    again = np.concatenate([p.items for p in plan_split(103, "train", 5, 25, None)])
+    assert order.tolist() == again.tolist()
+    other_split = np.concatenate([p.items for p in plan_split(103, "validation", 5, 25, None)])
+    other_seed = np.concatenate([p.items for p in plan_split(103, "train", 6, 25, None)])
+    assert order.tolist() != other_split.tolist() and order.tolist() != other_seed.tolist()
+    limited = plan_split(103, "train", 5, 25, limit=30)
+    assert [p.items.tolist() for p in limited] == [order[:25].tolist(), order[25:30].tolist()]
+
+
+def test_config_rejects_bad_options():
+    for kwargs, message in [({"splits": ("train", "test")}, "splits must be among"), ({"splits": ()}, "splits must be"),
+                            ({"quality": 0}, "quality must be an integer in 1..100"),
+                            ({"shard_size": 0}, "shard_size must be an integer >= 1"),
+                            ({"limit": 0}, "limit must be"), ({"seed": -1}, "seed must be"),
+                            ({"per_class": {"test": 3}}, "per_class must map")]:
+        with pytest.raises(BuildError, match=message):
+            BuildConfig(**kwargs)
+    config = BuildConfig(splits=("validation", "train", "train"), per_class={"validation": 2, "train": 3})
+    assert config.splits == SPLITS and list(config.per_class) == ["train", "validation"]
+
+
+def test_shards_follow_the_seeded_plan_with_deterministic_headers(demo_shards):
+    for split in SPLITS:
+        items = synthetic.items(split, per_class=DEMO_PER_CLASS[split])
+        plans = plan_split(len(items), split, seed=0, shard_size=DEMO_SHARD_SIZE, limit=None)
+        assert sorted(p.name for p in demo_shards.glob(f"{split}-*.tar")) == [p.filename for p in plans]
+        for plan in plans:
+            members = read_tar(demo_shards / plan.filename)
+            expected = [items[i] for i in plan.items]  # nothing is skipped in the synthetic set
+            assert [m.name for m, _ in members] == [f"{key}.{ext}" for key, _ in expected for ext in FIELDS]
+            for m, _ in members:
+                header = (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type)
+                assert header == (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)
+            for n, (key, label) in enumerate(expected):
+                (_, jpg), (_, cls), (_, meta) = members[3 * n: 3 * n + 3]
+                assert cls == str(label).encode()
+                meta = json.loads(meta)
+                assert {k: meta[k] for k in ("key", "label", "wnid")} == {"key": key, "label": label,
+                                                                         "wnid": f"syn{label:02d}"}
+                assert jpg[:2] == b"\xff\xd8" and jpg[-2:] == b"\xff\xd9"
+            if len(expected) >= 16:  # seeded order: every full shard mixes many classes
+                assert len({label for _, label in expected}) >= 5
+    # Spot-check the images themselves: the processed bytes of the source image, and its original size.
+    members = read_tar(demo_shards / shard_name("train", 2))
+    for n in (0, 13, 31):
+        (_, jpg), _, (_, meta) = members[3 * n: 3 * n + 3]
+        meta = json.loads(meta)
+        processed = process(synthetic.image_bytes(meta["key"], meta["label"]))
+        assert jpg == processed.jpeg and (meta["width"], meta["height"]) == (processed.width, processed.height)
+
+
+def test_info_records_shards_classes_options_and_reconciles(demo_shards):
+    info = read_info(demo_shards)
+    assert info["name"] == "synthetic" and info["pillow"] == pillow_flavour()
+    assert info["classes"] == [c.to_json() for c in synthetic.CLASSES]
+    assert info["options"] == {"source": "synthetic", "splits": list(SPLITS), "limit": None,
+                               "shard_size": DEMO_SHARD_SIZE, "seed": 0, "quality": 90, "per_class": DEMO_PER_CLASS}
+    for split, per_class in DEMO_PER_CLASS.items():
+        entry = info["splits"][split]
+        n = per_class * len(synthetic.CLASSES)
+        assert entry["num_inputs"] == entry["num_samples"] + len(entry["skipped"]) == n
+        assert entry["skipped"] == []
+        assert sum(entry["shard_lengths"]) == n
+        assert entry["shard_lengths"][:-1] == [DEMO_SHARD_SIZE] * (len(entry["filenames"]) - 1)
+        for shard, name, length in zip(entry["shards"], entry["filenames"], entry["shard_lengths"]):
+            data = (demo_shards / name).read_bytes()
+            assert shard == {"filename": name, "num_samples": length, "size": len(data),
+                             "sha256": hashlib.sha256(data).hexdigest()}
+    assert json.loads((demo_shards / STATS_NAME).read_text())["num_images"] == 300
+    assert not list(demo_shards.rglob(".tmp-*"))
+
+
+def test_same_bytes_whatever_the_worker_count(tmp_path):
+    build_shards(tmp_path / "one", workers=1, **SMALL)
+    build_shards(tmp_path / "three", workers=3, **SMALL)
+    one = folder_bytes(tmp_path / "one")
+    assert len([name for name in one if name.endswith(".tar")]) == 12
+    assert one == folder_bytes(tmp_path / "three")
+
+
+def test_seed_and_limit_choose_order_and_subset(tmp_path):
+    base = build_shards(tmp_path / "seed0", workers=2, **SMALL)
+    other = build_shards(tmp_path / "seed1", workers=2, seed=1, **SMALL)
+
+    def keys(folder: Path, split: str) -> list[str]:
+        names = sorted(folder.glob(f"{split}-*.tar"))
+        return [m.name.split(".")[0] for name in names for m, _ in read_tar(name) if m.name.endswith(".jpg")]
+
+    for split in SPLITS:
+        assert sorted(keys(tmp_path / "seed0", split)) == sorted(keys(tmp_path / "seed1", split))
+        assert keys(tmp_path / "seed0", split) != keys(tmp_path / "seed1", split)
+    assert base["splits"]["train"]["shard_lengths"] == other["splits"]["train"]["shard_lengths"]
+
+    limited = build_shards(tmp_path / "limit", workers=2, limit=11, **SMALL)
+    for split in SPLITS:
+        assert limited["splits"][split]["num_inputs"] == 11
+        assert keys(tmp_path / "limit", split) == keys(tmp_path / "seed0", split)[:11]
+    assert limited["options"]["limit"] == 11
+
+
+def test_resume_redoes_only_unfinished_shards_and_matches(tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    build_shards(reference, workers=2, **SMALL)
+    shutil.copytree(reference, resumed)
+    # What a kill can leave: a shard never written, a shard renamed but without its sidecar, leftover
+    # temporary files, no _info.json or stats.json yet. Plus a tar damaged afterwards (size mismatch).
+    (resumed / "train-000003.tar").unlink()
+    (resumed / BUILD_DIR / "train-000003.json").unlink()
+    (resumed / BUILD_DIR / "validation-000001.json").unlink()
+    with open(resumed / "train-000005.tar", "r+b") as f:
+        f.truncate(1000)
+    (resumed / ".tmp-train-000006.tar.x1y2").write_bytes(b"partial")
+    (resumed / BUILD_DIR / ".tmp-train-000006.json.x1y2").write_bytes(b"{")
+    (resumed / INFO_NAME).unlink()
+    (resumed / STATS_NAME).unlink()
+    untouched = {p.name: p.stat().st_mtime_ns for p in resumed.glob("*.tar")
+                 if p.name not in ("train-000005.tar", "validation-000001.tar")}
+    time.sleep(0.01)  # a rewrite would show as a newer mtime
+
+    build_shards(resumed, workers=2, **SMALL)
+    assert folder_bytes(resumed) == folder_bytes(reference)
+    assert {name: (resumed / name).stat().st_mtime_ns for name in untouched} == untouched
+
+
+def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
+    out = tmp_path / "out"
+    build_shards(out, workers=2, **SMALL)
+    before = folder_bytes(out)
+    with pytest.raises(BuildError, match=r"already holds shards built differently \(quality: 90 -> 80; seed: 0 -> 1\)"):
+        build_shards(out, workers=2, seed=1, quality=80, **SMALL)
+    with pytest.raises(BuildError, match=r"per_class: \{'train': 6, 'validation': 3\} -> \{'train': 6\}"):
+        build_shards(out, workers=2, splits=("train",), shard_size=8, per_class={"train": 6})
+    assert folder_bytes(out) == before
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train-000000.tar").write_bytes(b"")
+    with pytest.raises(BuildError, match="already holds shards that this build did not start"):
+        build_shards(foreign, workers=1, **SMALL)
+
+
+def test_source_error_writes_nothing(tmp_path):
+    with pytest.raises(SourceError, match="no such folder"):
+        build_shards(tmp_path / "out", source=str(tmp_path / "missing"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_quirks_are_converted_or_skipped_with_their_reason(tmp_path):
+    root = tmp_path / "ilsvrc"
+    expected = {"train": write_quirk_files(root / "train" / "n01440764"),
+                "validation": write_quirk_files(root / "val" / "n01443537")}
+    info = build_shards(tmp_path / "out", source=str(root), shard_size=7, workers=2)
+    assert info["classes"] == [c.to_json() for c in imagenet_classes()]
+    for split, files in expected.items():
+        entry = info["splits"][split]
+        skipped = {s["key"]: s["reason"] for s in entry["skipped"]}
+        must_skip = {Path(name).stem: reason for name, reason in files.items() if reason is not None}
+        assert sorted(skipped) == sorted(must_skip)
+        for key, reason in must_skip.items():
+            assert reason in skipped[key], (key, skipped[key])
+        assert entry["num_inputs"] == len(files) == entry["num_samples"] + len(skipped)
+        written = {}
+        for name in entry["filenames"]:
+            members = read_tar(tmp_path / "out" / name)
+            written.update({m.name[:-5]: json.loads(data) for m, data in members if m.name.endswith(".json")})
+        assert sorted(written) == sorted(Path(n).stem for n, reason in files.items() if reason is None)
+        folder = "n01440764" if split == "train" else "n01443537"
+        assert written[f"{folder}_cmyk"]["mode"] == "CMYK" and written[f"{folder}_png"]["format"] == "PNG"
+        assert {m["label"] for m in written.values()} == {0 if split == "train" else 1}
+    stats = json.loads((tmp_path / "out" / STATS_NAME).read_text())
+    assert stats["num_images"] == info["splits"]["train"]["num_samples"]
+
+
+ALEXPREP = str(Path(sys.executable).with_name("alexprep"))  # the console script installed beside this Python
+KILL_ARGS = ["--source", "synthetic", "--per-class", "train=12", "--per-class", "validation=4", "--shard-size", "8",
+             "--workers", "2", "--no-progress"]
+
+
+def alexprep(*args: str, **kwargs) -> subprocess.Popen:
+    """The real `alexprep` program in its own process group (so a kill reaches its workers too)."""
+    return subprocess.Popen([ALEXPREP, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the build ended before the kill: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "the build made no progress"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_rerun_gives_the_same_bytes(tmp_path):
+    reference = tmp_path / "reference"
+    done = subprocess.run([ALEXPREP, "build-shards", "--out", str(reference), *KILL_ARGS],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    expected = folder_bytes(reference)
+    tars = {name: data for name, data in expected.items() if name.endswith(".tar")}
+    assert len(tars) == 20  # 15 train + 5 validation shards
+
+    for moment, ready in [("very early", lambda out: (out / BUILD_DIR / "options.json").exists()),
+                          ("mid-build", lambda out: len(list((out / BUILD_DIR).glob("train-*.json"))) >= 5)]:
+        out = tmp_path / moment.replace(" ", "-")
+        kill_when(alexprep("build-shards", "--out", str(out), *KILL_ARGS), lambda: ready(out))
+        # No partial file under a final name: every shard already there is complete and final.
+        present = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+        assert all(tars[name] == data for name, data in present.items()), moment
+        assert not (out / INFO_NAME).exists()
+        rerun = alexprep("build-shards", "--out", str(out), *KILL_ARGS)
+        assert rerun.wait(timeout=120) == 0, rerun.stderr.read().decode()
+        rerun.stderr.close()
+        assert folder_bytes(out) == expected, moment

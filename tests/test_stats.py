@@ -1,0 +1,128 @@
+"""Pixel statistics: exact integer sums, the float64 finish, and agreement with numpy on real shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DEMO_PER_CLASS
+from PIL import Image
+
+from prep.build import BUILD_DIR
+from prep.contract import read_stats
+from prep.stats import PixelSums
+
+
+def correlated_images(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
+    """(n, size, size, 3) uint8 with correlated, unequal-variance channels, like photos."""
+    base = rng.normal(0, 1, (n, size, size, 3)) @ np.array([[50, 40, 30], [0, 25, -20], [0, 0, 8]])
+    return np.clip(base + [120, 110, 100], 0, 255).astype(np.uint8)
+
+
+def sums_of(images) -> PixelSums:
+    total = PixelSums()
+    for im in images:
+        total.add(PixelSums.of_image(im))
+    return total
+
+
+def test_sums_are_exact_and_independent_of_order():
+    images = correlated_images(np.random.default_rng(0), 6)
+    x = images.reshape(-1, 3).astype(np.int64)
+    total = sums_of(images)
+    assert (total.num_images, total.num_pixels) == (6, 6 * 32 * 32)
+    assert total.sum == x.sum(axis=0).tolist() and total.prod == (x.T @ x).tolist()
+    assert sums_of(images[::-1]) == total
+    assert PixelSums.from_json(json.loads(json.dumps(total.to_json()))) == total
+
+
+def test_full_size_white_image_sums_exactly():
+    white = PixelSums.of_image(np.full((256, 256, 3), 255, np.uint8))
+    assert white.sum == [255 * 65536] * 3 and white.prod == [[255 * 255 * 65536] * 3] * 3
+
+
+def test_stats_match_numpy_and_the_sign_convention():
+    images = correlated_images(np.random.default_rng(1), 4)
+    stats = sums_of(images).stats()
+    x = images.reshape(-1, 3).astype(np.float64) / 255
+    cov = np.cov(x.T, bias=True)  # population covariance, as in stats.json
+    np.testing.assert_allclose(stats["mean"], x.mean(axis=0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats["cov"], cov, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats["std"], x.std(axis=0), rtol=0, atol=1e-9)
+    eigval, eigvec = np.array(stats["eigval"]), np.array(stats["eigvec"])
+    assert eigval[0] > eigval[1] > eigval[2] > 0
+    np.testing.assert_allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-12)  # unit, orthogonal columns
+    np.testing.assert_allclose(cov @ eigvec, eigvec * eigval, atol=1e-12)  # column j belongs to eigval[j]
+    for j in range(3):
+        column = eigvec[:, j]
+        assert column[np.abs(column).argmax()] > 0
+    assert (stats["num_images"], stats["num_pixels"], stats["scale"]) == (4, 4096, "0..1")
+    assert stats["pixels"] == "after JPEG encoding (the shards' images decoded)"
+
+
+def test_grey_images_have_one_principal_direction():
+    grey = np.repeat(correlated_images(np.random.default_rng(2), 3)[..., :1], 3, axis=3)
+    stats = sums_of(grey).stats()
+    np.testing.assert_allclose(np.array(stats["eigvec"])[:, 0], np.full(3, 3 ** -0.5), atol=1e-9)
+    assert stats["eigval"][0] == pytest.approx(3 * stats["std"][0] ** 2, rel=1e-9)
+    assert max(abs(v) for v in stats["eigval"][1:]) < 1e-12
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="no training pixels"):
+        PixelSums().stats()
+    with pytest.raises(ValueError, match=r"expected \(H, W, 3\) uint8 pixels"):
+        PixelSums.of_image(np.zeros((4, 4), np.uint8))
+
+
+def test_of_jpeg_sums_the_decoded_pixels():
+    image = correlated_images(np.random.default_rng(4), 1)[0]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=75)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        decoded = np.asarray(im)
+    assert not np.array_equal(decoded, image)  # JPEG changed the pixels; the sums follow the decoded ones
+    assert PixelSums.of_jpeg(buf.getvalue()) == PixelSums.of_image(decoded)
+
+
+def decoded_train_images(folder: Path, names: list[str]) -> list[np.ndarray]:
+    """(256, 256, 3) uint8 pixels of every train sample in the shards `names`, decoded with Pillow."""
+    images = []
+    for name in names:
+        with tarfile.open(folder / name) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                        images.append(np.asarray(im.convert("RGB")))
+    return images
+
+
+def test_sidecar_sums_are_those_of_the_shards_images(demo_shards):
+    record = json.loads((demo_shards / BUILD_DIR / "train-000004.json").read_text())
+    assert PixelSums.from_json(record["sums"]) == sums_of(decoded_train_images(demo_shards, ["train-000004.tar"]))
+
+
+def test_stats_agree_with_numpy_over_the_decoded_shards(demo_shards):
+    stats = read_stats(demo_shards)
+    names = sorted(p.name for p in demo_shards.glob("train-*.tar"))
+    # numpy in float64, accumulated image by image (all 20M pixels at once would take 0.5 GB).
+    n, total, outer = 0, np.zeros(3), np.zeros((3, 3))
+    for image in decoded_train_images(demo_shards, names):
+        x = image.reshape(-1, 3).astype(np.float64) / 255
+        n, total, outer = n + len(x), total + x.sum(axis=0), outer + x.T @ x
+    mean = total / n
+    cov = outer / n - np.outer(mean, mean)
+    assert (stats["num_images"], stats["num_pixels"]) == (DEMO_PER_CLASS["train"] * 10, n)
+    # The issue asks for 1e-3 (mean, std, cov), 2% (eigenvalues) and eigenvectors up to sign; the sums
+    # are exact, so only float64 rounding separates the two computations.
+    np.testing.assert_allclose(stats["mean"], mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats["std"], np.sqrt(np.diag(cov)), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats["cov"], cov, rtol=0, atol=1e-9)
+    eigval, eigvec = np.linalg.eigh(cov)
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    np.testing.assert_allclose(stats["eigval"], eigval, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.sum(np.array(stats["eigvec"]) * eigvec, axis=0)), 1, atol=1e-6)
