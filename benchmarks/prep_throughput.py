@@ -1,0 +1,265 @@
+"""Prep throughput: images/s of alexprep's per-image stage against a plain Pillow script.
+
+Generates photo-like JPEGs once into a temporary folder (ImageNet-sized, about 500x375, plus a
+fraction above 2000 px), then times, in the same run and on the same files:
+  (a) the plain script everyone writes first: open, convert("RGB"), Lanczos resize of the whole image
+      to shorter side 256, centre crop, save JPEG q90 (one image at a time, one process);
+  (b) decode alone (open + load), the floor for any pipeline that decodes every pixel;
+  (c) `prep.image.process` in this process (per-core speed);
+  (d) `prep.image.process` in a multiprocessing pool of 1 and of 2 worker processes (scaling).
+Each measurement is the best of `--repeat` passes, the methods taking turns so that background
+load hits them alike; (a) to (c) count CPU seconds of the one process, (d) wall seconds. With
+`--plain-python`, (a) also runs under another interpreter (say, a virtual environment with stock
+Pillow) on the same files.
+
+    .venv/bin/python benchmarks/prep_throughput.py --images 200 --json /tmp/prep_throughput.json
+
+This file's top level needs only the standard library and PIL, so `--naive-only` runs under any
+interpreter that has Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image
+
+SIZE, QUALITY = 256, 90
+
+
+def naive(path: Path) -> bytes:
+    """The plain one-image-at-a-time script: whole-image decode and resize, then crop."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    rw, rh = (SIZE, round(h * SIZE / w)) if w <= h else (round(w * SIZE / h), SIZE)
+    im = im.resize((rw, rh), Image.LANCZOS)
+    left, top = (rw - SIZE) // 2, (rh - SIZE) // 2
+    im = im.crop((left, top, left + SIZE, top + SIZE))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=QUALITY)
+    return buf.getvalue()
+
+
+def decode_only(path: Path) -> None:
+    with Image.open(path) as im:
+        im.load()
+
+
+def ours(path: Path) -> int:
+    from prep.image import process
+
+    return len(process(path.read_bytes(), SIZE, QUALITY).jpeg)
+
+
+def time_each(fn, paths: list[Path]) -> list[float]:
+    """CPU seconds of this process per image, in order. CPU time, not wall time: the per-core speed
+    then holds even while other programs share the machine (the pool runs are wall time)."""
+    out = []
+    for p in paths:
+        t = time.process_time()
+        fn(p)
+        out.append(time.process_time() - t)
+    return out
+
+
+def naive_only(folder: Path, repeat: int) -> None:
+    """Entry point for --plain-python: time (a) here and print JSON per-image seconds of the best pass."""
+    import PIL
+
+    paths = sorted(folder.glob("*.jpg"))
+    best = min((time_each(naive, paths) for _ in range(repeat)), key=sum)
+    print(json.dumps({"pil": PIL.__version__, "seconds": dict(zip((p.name for p in paths), best))}))
+
+
+# ---- everything below runs in the main interpreter (numpy, prep) ----
+
+
+def make_images(folder: Path, n: int, large_fraction: float, seed: int, workers: int) -> list[Path]:
+    """Write n photo-like q90 JPEGs: ImageNet-like sizes, and about `large_fraction` of 2000..3200 px."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    common = [(500, 375), (375, 500), (500, 333), (500, 500), (400, 300), (333, 500), (500, 400)]
+    specs, n_large = [], round(n * large_fraction)
+    for i in range(n):
+        if i < n_large:
+            long = int(rng.integers(2000, 3201))
+            short = int(long * rng.uniform(0.66, 0.8))
+            wh = (long, short) if rng.random() < 0.7 else (short, long)
+        else:
+            wh = common[int(rng.integers(len(common)))]
+        name = f"{'large' if i < n_large else 'small'}_{i:05d}.jpg"
+        specs.append((folder / name, wh, seed * 1_000_003 + i))
+    with Pool(workers) as pool:
+        pool.map(_write_photo, specs, chunksize=1)
+    return sorted(p for p, _, _ in specs)
+
+
+def _write_photo(spec) -> None:
+    import numpy as np
+
+    from prep.synthetic import photo
+
+    path, (w, h), seed = spec
+    Image.fromarray(photo(np.random.default_rng(seed), w, h)).save(path, format="JPEG", quality=QUALITY)
+
+
+def _ready(_: int) -> int:
+    import prep.image  # noqa: F401  (imported before the clock starts)
+
+    return os.getpid()
+
+
+def pool_seconds(paths: list[Path], workers: int, repeat: int) -> float:
+    """Best wall time of `repeat` passes over `paths` through a pool of `workers` processes."""
+    with Pool(workers) as pool:
+        pool.map(_ready, range(workers * 4))  # workers started and warm before timing
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            for _ in pool.imap_unordered(ours, paths, chunksize=4):
+                pass
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def machine() -> dict:
+    import PIL.features
+
+    from prep.image import pillow_flavour
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "pillow": pillow_flavour(),
+        "libjpeg_turbo": PIL.features.version("libjpeg_turbo"),
+        "load_average_before": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=200, help="how many test images (default 200)")
+    ap.add_argument("--large-fraction", type=float, default=0.1, help="share above 2000 px (default 0.1)")
+    ap.add_argument("--repeat", type=int, default=3, help="passes per method; the best counts (default 3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--plain-python", help="another interpreter to run (a) under too, e.g. stock Pillow's")
+    ap.add_argument("--naive-only", type=Path, help=argparse.SUPPRESS)  # used through --plain-python
+    args = ap.parse_args()
+    if args.naive_only:
+        naive_only(args.naive_only, args.repeat)
+        return
+
+    info = machine()
+    cores = info["cores"]
+    with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
+        t = time.perf_counter()
+        paths = make_images(Path(tmp), args.images, args.large_fraction, args.seed, cores)
+        gen_s = time.perf_counter() - t
+        large = [p.name.startswith("large") for p in paths]
+        data_mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"{len(paths)} images ({sum(large)} above 2000 px, {data_mb:.1f} MB) generated in {gen_s:.1f} s",
+              file=sys.stderr)
+
+        serial = {"naive": naive, "decode": decode_only, "ours": ours}
+        for fn in serial.values():
+            fn(paths[0])  # imports and first-call costs out of the timing
+        passes = {name: [] for name in serial}
+        for _ in range(args.repeat):
+            for name, fn in serial.items():
+                passes[name].append(time_each(fn, paths))
+        best = {name: min(runs, key=sum) for name, runs in passes.items()}
+        if args.plain_python:
+            out = subprocess.run(
+                [args.plain_python, __file__, "--naive-only", tmp, "--repeat", str(args.repeat)],
+                capture_output=True, text=True, check=True,
+            )
+            plain = json.loads(out.stdout)
+            best["naive_plain"] = [plain["seconds"][p.name] for p in paths]
+            info["plain_pillow"] = plain["pil"]
+        pools = {n: pool_seconds(paths, n, args.repeat) for n in sorted({1, min(2, cores)})}
+
+    n = len(paths)
+
+    def row(per_image: list[float]) -> dict:
+        small = [s for s, big in zip(per_image, large) if not big]
+        big = [s for s, is_big in zip(per_image, large) if is_big]
+        return {
+            "images_per_s": n / sum(per_image),
+            "ms_imagenet_sized": 1e3 * sum(small) / max(1, len(small)),
+            "ms_large": 1e3 * sum(big) / max(1, len(big)),
+        }
+
+    results = {name: row(times) for name, times in best.items()}
+    for workers, seconds in pools.items():
+        results[f"ours_pool{workers}"] = {"images_per_s": n / seconds}
+    base = results["naive"]["images_per_s"]
+    for r in results.values():
+        r["x_naive"] = r["images_per_s"] / base
+    if "naive_plain" in results:
+        for r in results.values():
+            r["x_naive_plain"] = r["images_per_s"] / results["naive_plain"]["images_per_s"]
+
+    labels = {
+        "naive": f"(a) plain script: open, convert, Lanczos resize, crop, save ({info['pillow']}); CPU time",
+        "naive_plain": f"(a') the same plain script under stock Pillow {info.get('plain_pillow')}; CPU time",
+        "decode": "(b) decode only: open + load; CPU time",
+        "ours": "(c) alexprep `process()`, one process (per core); CPU time",
+        "ours_pool1": "(d) alexprep `process()`, pool of 1 worker process; wall time",
+        "ours_pool2": "(d) alexprep `process()`, pool of 2 worker processes; wall time",
+    }
+    plain_col = "naive_plain" in results
+    head = "| what | images/s | x (a) |" + (" x (a') |" if plain_col else "")
+    head += " ms/img ImageNet-sized | ms/img large |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for name in ("naive", "naive_plain", "decode", "ours", "ours_pool1", "ours_pool2"):
+        if name not in results:
+            continue
+        r = results[name]
+        cells = [labels[name], f"{r['images_per_s']:.0f}", f"{r['x_naive']:.2f}"]
+        if plain_col:
+            cells.append(f"{r['x_naive_plain']:.2f}")
+        cells += [f"{r['ms_imagenet_sized']:.2f}", f"{r['ms_large']:.1f}"] if "ms_large" in r else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(
+        f"machine: {info['cpu']}, {cores} cores, Python {info['python']}, {info['pillow']} "
+        f"(libjpeg-turbo {info['libjpeg_turbo']}), {info['date']}, "
+        f"load average before {info['load_average_before']:.2f}"
+    )
+    print(f"images: {n} photo-like JPEG q90, {sum(large)} of them 2000..3200 px, {data_mb:.1f} MB; "
+          f"best of {args.repeat} passes\n")
+    print(table)
+    if 2 in pools:
+        print(f"\nscaling 1 -> 2 workers: {pools[1] / pools[2]:.2f}x")
+    if args.json:
+        images = {"count": n, "large": sum(large), "megabytes": data_mb, "repeat": args.repeat}
+        payload = {"machine": info, "images": images, "results": results, "table": table}
+        tmp_path = args.json.with_name(f".tmp-{args.json.name}")
+        tmp_path.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp_path, args.json)
+
+
+if __name__ == "__main__":
+    main()
