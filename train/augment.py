@@ -1,0 +1,129 @@
+"""Batched augmentation: pure tensor functions on uint8 (B, 3, H, W) batches, on the CPU or the GPU.
+
+Training (the paper's): an independent random size x size crop and a horizontal flip with p=0.5 per
+image, on the uint8 pixels; then 0..1 floats, PCA lighting (alpha ~ N(0, 0.1) per image, drawn once
+per image and added to every pixel), mean/std normalisation. Evaluation: the centre crop, or the
+paper's ten crops. Randomness comes only from the torch.Generator passed in; the random draws happen on
+the generator's device (put it on the batch's device for speed, or on the CPU to get the same draws on
+any device) and are consumed in a fixed order: crop rows, crop columns, flips, lighting alphas.
+Memory format is kept: a channels_last batch gives channels_last views.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PixelStats:
+    """The training split's pixel statistics on a 0..1 scale, as float32 tensors on one device."""
+
+    mean: torch.Tensor  # (3,) RGB
+    std: torch.Tensor  # (3,)
+    eigval: torch.Tensor  # (3,) eigenvalues of the RGB covariance, descending
+    eigvec: torch.Tensor  # (3, 3) unit eigenvectors as columns: eigvec[:, j] belongs to eigval[j]
+
+    @classmethod
+    def from_json(cls, d: dict, device: torch.device | str = "cpu") -> "PixelStats":
+        """From the content of stats.json (keys mean, std, eigval, eigvec)."""
+        shapes = {"mean": (3,), "std": (3,), "eigval": (3,), "eigvec": (3, 3)}
+        values = {}
+        for key, shape in shapes.items():
+            if key not in d:
+                raise ValueError(f"pixel statistics lack {key!r}")
+            values[key] = torch.tensor(d[key], dtype=torch.float32, device=device)
+            if values[key].shape != shape:
+                raise ValueError(f"pixel statistics {key!r} has shape {tuple(values[key].shape)}, expected {shape}")
+        return cls(**values)
+
+
+def _check_batch(x: torch.Tensor, size: int) -> tuple[int, int, int]:
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a uint8 (B, 3, H, W) batch, got {x.dtype} {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    if not 0 < size <= min(h, w):
+        raise ValueError(f"crop size {size} does not fit {h} x {w} images")
+    return b, h, w
+
+
+def random_crop_flip(x_u8: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, size, size) uint8: per image a crop at a uniform offset (rows
+    0..H-size, columns 0..W-size, both inclusive), mirrored left-right with probability 0.5."""
+    b, h, w = _check_batch(x_u8, size)
+    gen_dev, dev = generator.device, x_u8.device
+    top = torch.randint(0, h - size + 1, (b,), generator=generator, device=gen_dev).to(dev)
+    left = torch.randint(0, w - size + 1, (b,), generator=generator, device=gen_dev).to(dev)
+    flip = (torch.rand(b, generator=generator, device=gen_dev) < 0.5).to(dev)
+    # All windows as one strided view, no copy: windows[n, c, i, j] is the size x size window whose
+    # top-left corner is (i, j). Indexing it with B-long index tensors gathers one window per image in
+    # one kernel whose inner loop runs over contiguous columns; the mirror is an elementwise select
+    # (no boolean masking, which would sync the GPU). The result keeps x_u8's memory format.
+    windows = x_u8.unfold(2, size, 1).unfold(3, size, 1)  # (B, 3, H-size+1, W-size+1, size, size)
+    out = windows[torch.arange(b, device=dev), :, top, left]  # (B, 3, size, size)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def lighting_alpha(batch: int, std: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(batch, 3) float32 PCA lighting coefficients, alpha ~ N(0, std), drawn on the generator's device."""
+    alpha = torch.randn(batch, 3, generator=generator, device=generator.device) * std
+    return alpha.to(device)
+
+
+def lighting_offset(alpha: torch.Tensor, eigval: torch.Tensor, eigvec: torch.Tensor) -> torch.Tensor:
+    """(B, 3) alphas -> (B, 3) RGB offsets, eigvec @ (alpha * eigval) for each image."""
+    return (alpha * eigval) @ eigvec.T
+
+
+def pca_lighting(
+    x: torch.Tensor, eigval: torch.Tensor, eigvec: torch.Tensor, std: float, generator: torch.Generator
+) -> torch.Tensor:
+    """The paper's PCA lighting on (B, 3, H, W) floats on the 0..1 scale: every pixel of image n gets
+    the same RGB offset eigvec @ (alpha_n * eigval), alpha_n ~ N(0, std) per component. Not clamped
+    to 0..1, as in the paper (it adds the offset to the raw values; normalisation follows)."""
+    alpha = lighting_alpha(x.shape[0], std, generator, x.device)
+    return x + lighting_offset(alpha, eigval, eigvec)[:, :, None, None]
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) floats -> (x - mean) / std per channel."""
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def _to_normalized(x_u8: torch.Tensor, stats: PixelStats, offset: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> normalize(x / 255 + offset, mean, std) as float32, in one pass:
+    x * scale + shift with scale = 1 / (255 std) per channel and shift = (offset - mean) / std,
+    offset (3,) or (B, 3). addcmul reads the uint8 directly, so no float copy of the batch is made."""
+    scale = (1.0 / (255.0 * stats.std))[:, None, None]  # (3, 1, 1)
+    shift = ((offset - stats.mean) / stats.std)[..., None, None]  # (3, 1, 1) or (B, 3, 1, 1)
+    return torch.addcmul(shift, x_u8, scale)
+
+
+def train_views(
+    x_u8: torch.Tensor, stats: PixelStats, size: int = 224, *, generator: torch.Generator, lighting_std: float = 0.1
+) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, size, size) float32 training inputs: crop and flip, 0..1 scale,
+    PCA lighting, normalisation. Equal (to float rounding) to
+    normalize(pca_lighting(random_crop_flip(x, size, g).float() / 255, ...), mean, std) with the same
+    generator state; the last three steps are fused into one multiply-add per pixel."""
+    x = random_crop_flip(x_u8, size, generator)
+    alpha = lighting_alpha(x.shape[0], lighting_std, generator, x.device)
+    return _to_normalized(x, stats, lighting_offset(alpha, stats.eigval, stats.eigvec))
+
+
+def eval_views(x_u8: torch.Tensor, stats: PixelStats, size: int = 224, mode: str = "center") -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (V, B, 3, size, size) float32 normalised views.
+    mode="center": V=1, the centre crop. mode="ten": V=10, the paper's test views in this order:
+    top-left, top-right, bottom-left, bottom-right, centre, then the left-right mirror images of those
+    five in the same order. The caller averages the softmax over V."""
+    _, h, w = _check_batch(x_u8, size)
+    top, left = (h - size) // 2, (w - size) // 2
+    if mode == "center":
+        origins = [(top, left)]
+    elif mode == "ten":
+        origins = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
+    else:
+        raise ValueError(f"eval mode must be 'center' or 'ten', not {mode!r}")
+    views = torch.stack([x_u8[:, :, t : t + size, l : l + size] for t, l in origins])  # (V, B, 3, size, size)
+    if mode == "ten":
+        views = torch.cat([views, views.flip(-1)])
+    return _to_normalized(views, stats, torch.zeros_like(stats.mean))
