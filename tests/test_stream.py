@@ -1,0 +1,259 @@
+"""The streaming input: shard plans, exact coverage per epoch, resume positions, errors, URL prefixes.
+
+Shards here are written by `write_folder`: real tar files of real 256x256 JPEGs where sample i has
+label i and a flat grey level that encodes i, so a lost, repeated or mismatched sample shows at once.
+"""
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+from prep.contract import ContractError, shard_name
+from train.stream import (
+    DeviceLoader,
+    ShardError,
+    ShardStream,
+    epoch_order,
+    join,
+    make_loader,
+    open_shards,
+    read_shard,
+    reader_plan,
+    worker_batches,
+)
+
+CPU = torch.device("cpu")
+
+
+def grey(i: int) -> int:
+    """The grey level of sample i: distinct for neighbours, far from JPEG's rounding."""
+    return 16 + (i * 37) % 224
+
+
+def jpeg_of(i: int) -> bytes:
+    return encode_jpeg(torch.full((3, 256, 256), grey(i), dtype=torch.uint8), quality=90).numpy().tobytes()
+
+
+def write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, jpg, label in samples:
+            for ext, data in (("jpg", jpg), ("cls", str(label).encode()), ("json", json.dumps({"key": key}).encode())):
+                member = tarfile.TarInfo(f"{key}.{ext}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+
+
+def write_folder(folder: Path, train_lengths=(7, 3, 5, 6, 4), val_lengths=(4, 5, 2)) -> Path:
+    """A contract shard folder: sample i of a split has label i and key f"{split}_{i:05d}"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, lengths in (("train", train_lengths), ("validation", val_lengths)):
+        names, shards, first = [], [], 0
+        for s, n in enumerate(lengths):
+            name = shard_name(split, s)
+            write_tar(folder / name, [(f"{split}_{i:05d}", jpeg_of(i), i) for i in range(first, first + n)])
+            data = (folder / name).read_bytes()
+            names.append(name)
+            shards.append({"filename": name, "num_samples": n, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+            first += n
+        splits[split] = {"name": split, "filenames": names, "shard_lengths": list(lengths), "num_samples": first,
+                         "num_inputs": first, "shards": shards, "skipped": []}
+    classes = [{"index": i, "wnid": f"syn{i:05d}", "name": f"class {i}"} for i in range(max(sum(train_lengths), sum(val_lengths)))]
+    info = {"name": "test", "schema_version": 1, "splits": splits, "classes": classes, "options": {}, "pillow": "test"}
+    (folder / "_info.json").write_text(json.dumps(info))
+    stats = {"schema_version": 1, "split": "train", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+             "cov": [[0.0625, 0, 0], [0, 0.0625, 0], [0, 0, 0.0625]], "eigval": [0.0625, 0.0625, 0.0625],
+             "eigvec": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "num_images": first, "num_pixels": first * 65536}
+    (folder / "stats.json").write_text(json.dumps(stats))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("shards"))
+
+
+def collect(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(DeviceLoader(make_loader(stream, workers, CPU), CPU, stream.decode))
+
+
+def check_pixels(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Each decoded image is the flat grey of its label (JPEG keeps a flat image within 1 level)."""
+    expected = torch.tensor([grey(i) for i in labels.tolist()], dtype=torch.float32)
+    assert images.shape == (len(labels), 3, 256, 256) and images.dtype == torch.uint8
+    assert (images.float().amax(dim=(1, 2, 3)) - expected).abs().max() <= 1
+    assert (images.float().amin(dim=(1, 2, 3)) - expected).abs().max() <= 1
+
+
+def test_read_shard_yields_raw_samples_in_file_order(folder):
+    split = open_shards(str(folder)).split("train")
+    samples = list(read_shard(split.urls[1], 3))
+    assert [(key, label) for _, key, _, label in samples] == [("train_00007", 7), ("train_00008", 8), ("train_00009", 9)]
+    assert samples[0][2] == jpeg_of(7) and samples[0][0] == str(folder / "train-000001.tar")
+
+
+def test_reader_plan_deals_shards_or_samples_without_overlap():
+    order = [4, 0, 3, 1, 2]
+    assert [reader_plan(order, r, 2) for r in range(2)] == [([4, 3, 2], None), ([0, 1], None)]
+    assert reader_plan(order, 5, 6) == ([4, 0, 3, 1, 2], 6)
+    assert epoch_order(5, seed=1, epoch=0, shuffle=True) == epoch_order(5, seed=1, epoch=0, shuffle=True)
+    assert sorted(epoch_order(50, seed=1, epoch=3, shuffle=True)) == list(range(50))
+    assert epoch_order(50, seed=1, epoch=3, shuffle=True) != epoch_order(50, seed=1, epoch=4, shuffle=True)
+    assert epoch_order(5, seed=1, epoch=3, shuffle=False) == [0, 1, 2, 3, 4]
+
+
+def test_worker_batches_split_a_rank_steps_among_workers():
+    # 10 steps over 3 workers: worker 0 has batches 0, 3, 6, 9; worker 1 1, 4, 7; worker 2 2, 5, 8.
+    assert [worker_batches(10, 0, w, 3) for w in range(3)] == [(0, 4), (0, 3), (0, 3)]
+    # Resumed after 4 steps: batches 4..9 remain (worker 0: 6, 9; worker 1: 4, 7; worker 2: 5, 8).
+    assert [worker_batches(10, 4, w, 3) for w in range(3)] == [(2, 2), (1, 2), (1, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_validation_sees_every_sample_exactly_once(folder, world_size, workers):
+    split = open_shards(str(folder)).split("validation")  # 3 shards: 11 samples
+    labels = []
+    for rank in range(world_size):
+        stream = ShardStream(split, 4, train=False, rank=rank, world_size=world_size)
+        for images, batch_labels in collect(stream, workers):
+            check_pixels(images, batch_labels)
+            labels += batch_labels.tolist()
+    assert sorted(labels) == list(range(11))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_epoch_has_fixed_steps_and_disjoint_ranks(folder, workers):
+    split = open_shards(str(folder)).split("train")  # 5 shards: 25 samples
+    seen = []
+    for rank in range(2):
+        stream = ShardStream(split, 3, train=True, seed=7, epoch=1, steps=4, rank=rank, world_size=2, shuffle_buffer=8)
+        batches = collect(stream, workers)
+        assert [len(labels) for _, labels in batches] == [3, 3, 3, 3]
+        for images, labels in batches:
+            check_pixels(images, labels)
+        seen.append({label for _, labels in batches for label in labels.tolist()})
+    assert not seen[0] & seen[1]
+
+
+def test_training_stream_depends_only_on_seed_and_epoch(folder):
+    split = open_shards(str(folder)).split("train")
+
+    def labels(epoch, workers, seed=7):
+        stream = ShardStream(split, 5, train=True, seed=seed, epoch=epoch, steps=5, shuffle_buffer=10)
+        return [b.tolist() for _, b in collect(stream, workers)]
+
+    first = labels(0, 0)
+    assert labels(0, 0) == first
+    assert sorted(sum(first, [])) == list(range(25))  # 1 reader, 25 samples, 25 per epoch: each once
+    assert labels(1, 0) != first and labels(0, 0, seed=8) != first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("start", [1, 2, 5])
+def test_resume_at_a_step_gives_the_rest_of_the_epoch(folder, workers, start):
+    split = open_shards(str(folder)).split("train")
+    kwargs = dict(train=True, seed=3, epoch=2, steps=7, shuffle_buffer=6)
+    full = collect(ShardStream(split, 4, **kwargs), workers)
+    rest = collect(ShardStream(split, 4, start=start, **kwargs), workers)
+    assert len(full) == 7 and len(rest) == 7 - start
+    for (a, la), (b, lb) in zip(full[start:], rest):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+
+
+def test_decode_on_device_equals_decode_in_workers(folder):
+    split = open_shards(str(folder)).split("validation")
+    cpu = collect(ShardStream(split, 4, train=False), 0)
+    device = collect(ShardStream(split, 4, train=False, decode="gpu"), 0)
+    assert len(cpu) == len(device) == 3
+    for (a, la), (b, lb) in zip(cpu, device):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+
+
+def test_missing_folder_missing_stats_and_truncated_shard_are_one_line_errors(tmp_path):
+    with pytest.raises(ContractError, match="no such shard folder"):
+        open_shards(str(tmp_path / "nowhere"))
+    folder = write_folder(tmp_path / "a")
+    (folder / "stats.json").unlink()
+    with pytest.raises(ContractError, match=r"stats\.json: no stats\.json here"):
+        open_shards(str(folder))
+    folder = write_folder(tmp_path / "b")
+    data = (folder / "train-000002.tar").read_bytes()
+    (folder / "train-000002.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ContractError, match=r"train-000002\.tar: \d+ bytes, _info\.json says \d+"):
+        open_shards(str(folder))
+    (folder / "train-000002.tar").unlink()
+    with pytest.raises(ContractError, match=r"train-000002\.tar: shard missing"):
+        open_shards(str(folder))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        ("header", r"1 samples, _info\.json says 6 \(truncated or corrupt shard\)"),
+        ("jpeg", r"sample train_000(1[5-9]|20): JPEG does not decode \(.+\)"),
+        ("garbage", r"unreadable shard \(.+\)"),
+    ],
+)
+def test_corrupt_shard_fails_with_its_name(tmp_path, workers, damage, error):
+    """Same-size damage passes the folder check; reading must fail naming the shard, not hang."""
+    folder = write_folder(tmp_path)
+    path = folder / "train-000003.tar"  # samples 15..20
+    data = bytearray(path.read_bytes())
+    if damage == "header":
+        data[512 * 7 : 512 * 7 + 100] = b"\xff" * 100  # inside the tar header of the second sample's jpg
+    elif damage == "jpeg":
+        jpg = data.index(b"\xff\xd8\xff")
+        data[jpg + 200 : jpg + 700] = b"\x00" * 500  # the first JPEG's tables and scan
+    else:
+        data[:] = bytes(range(256)) * (len(data) // 256)
+    path.write_bytes(bytes(data))
+    split = open_shards(str(folder)).split("train")
+    stream = ShardStream(split, 5, train=True, seed=0, epoch=0, steps=5, shuffle_buffer=4)
+    with pytest.raises(ShardError, match=rf"^{path}: {error}$"):
+        collect(stream, workers)
+
+
+def test_pipe_url_prefix_reads_like_the_folder(folder):
+    location = f"pipe:cat {folder}/{{}}"
+    shards = open_shards(location)
+    assert shards.info == json.loads((folder / "_info.json").read_text())
+    assert join(location, "train-000000.tar") == f"pipe:cat {folder}/train-000000.tar"
+    local = collect(ShardStream(open_shards(str(folder)).split("validation"), 4, train=False), 0)
+    remote = collect(ShardStream(shards.split("validation"), 4, train=False), 0)
+    assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(local, remote))
+    with pytest.raises(ContractError, match="exit status"):
+        open_shards(f"pipe:cat {folder}/missing/{{}}")
+
+
+def test_http_url_prefix_reads_like_the_folder(folder):
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            location = f"http://127.0.0.1:{server.server_address[1]}/"
+            shards = open_shards(location)
+            batches = collect(ShardStream(shards.split("validation"), 4, train=False), 0)
+            assert sorted(sum((b.tolist() for _, b in batches), [])) == list(range(11))
+            with pytest.raises(ContractError, match="404"):
+                open_shards(location + "missing/")
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
