@@ -1,0 +1,150 @@
+"""`alextrain`: train (the default command), `eval` and `predict`. Parses options and calls; the work
+is in train/loop.py, train/evaluate.py and train/predict.py. Training options are generated from
+TrainConfig's fields, so their help and defaults are the ones in train/config.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from prep.contract import ContractError
+from train import checkpoint, dist, loop
+from train.checkpoint import CheckpointError
+from train.config import DEVICES, ConfigError, TrainConfig
+from train.evaluate import evaluate_checkpoint
+from train.pictures import ReportError, format_summary, predict_sheet, render_report, run_summary
+from train.predict import ImageError, format_predictions, predict_files
+from train.stream import ShardError
+
+# Errors that mean bad input, not a bug: one line, exit status 1.
+USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, loop.RunFolderError)
+
+
+def train_options(command):
+    """Add one option per TrainConfig field: `--batch-size INTEGER` for `batch_size`, and so on."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag, kind = "--" + f.name.replace("_", "-"), typing.get_args(hints[f.name]) or (hints[f.name],)
+        kind = next(k for k in kind if k is not type(None))  # `int | None` -> int
+        if kind is bool:
+            flags, click_type = [f"{flag}/--no-{flag[2:]}"], None
+        else:
+            flags, click_type = [flag], click.Choice(f.metadata["choices"]) if "choices" in f.metadata else kind
+        command = click.option(*flags, f.name, type=click_type, default=f.default, show_default=f.default is not None,
+                               help=f.metadata["help"])(command)
+    return command
+
+
+def run_training(ctx: click.Context, options: dict) -> None:
+    # With --resume the run's saved configuration applies; options given here override it.
+    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    try:
+        if options["resume"]:
+            config = checkpoint.config_for_resume(options["resume"], given)
+        elif not options["shards"]:
+            raise click.UsageError("give --shards DIR (or --resume RUN to continue a run)", ctx)
+        else:
+            config = TrainConfig(**options)
+        record = loop.train(config)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    if record:
+        click.echo(f"done: {config.out} ({checkpoint.LAST}, {checkpoint.BEST}, {loop.METRICS})", err=True)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@train_options
+@click.pass_context
+def main(ctx: click.Context, **options) -> None:
+    """Train AlexNet on alexprep's shards (this is the default command: `alextrain --shards DIR`),
+    evaluate a checkpoint (`alextrain eval`), classify pictures (`alextrain predict`), or plot a run
+    (`alextrain report`).
+
+    Several GPUs or machines: `torchrun --nproc_per_node N -m train.cli --shards DIR ...`."""
+    if ctx.invoked_subcommand is None:
+        run_training(ctx, options)
+    elif any(ctx.get_parameter_source(name) is not ParameterSource.DEFAULT for name in options):
+        raise click.UsageError(f"training options go after the command name, or drop `{ctx.invoked_subcommand}`", ctx)
+
+
+@main.command("train")
+@train_options
+@click.pass_context
+def train_cmd(ctx: click.Context, **options) -> None:
+    """Train AlexNet on alexprep's shards (the same as `alextrain` without a command)."""
+    run_training(ctx, options)
+
+
+@main.command("eval")
+@click.option("--checkpoint", "path", required=True, type=click.Path(dir_okay=True), help="checkpoint file, or a run folder (its last.pt)")
+@click.option("--shards", default=None, help="shard folder or URL prefix  [default: the one the checkpoint was trained on]")
+@click.option("--ten-crop/--center", default=True,
+              help="the centre crop and the paper's ten crops (softmax averaged) in one pass, or the centre crop alone  [default: ten-crop]")
+@click.option("--batch-size", default=128, show_default=True, help="images per batch (x10 views with --ten-crop)")
+@click.option("--workers", default=4, show_default=True, help="DataLoader worker processes")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a sentence")
+def eval_cmd(path, shards, ten_crop, batch_size, workers, device, as_json) -> None:
+    """Top-1 and top-5 error of a checkpoint on the validation split: centre crop, and ten crops."""
+    try:
+        result = evaluate_checkpoint(path, shards, mode="ten" if ten_crop else "center", batch_size=batch_size, workers=workers, device=device)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    if not dist.launched_as_main():
+        return
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    else:
+        head = f"{result['shards']} validation, {result['samples']} images"
+        centre = (result["center_top1_err"], result["center_top5_err"]) if ten_crop else (result["top1_err"], result["top5_err"])
+        click.echo(f"{head}, centre crop: top-1 error {centre[0]:.2%}, top-5 error {centre[1]:.2%}")
+        if ten_crop:
+            click.echo(f"{head}, ten crops: top-1 error {result['top1_err']:.2%}, top-5 error {result['top5_err']:.2%}")
+
+
+@main.command("predict")
+@click.option("--checkpoint", "path", required=True, type=click.Path(dir_okay=True), help="checkpoint file, or a run folder (its last.pt)")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--ten-crop/--center", default=False, help="average the softmax over ten crops, or use the centre crop  [default: center]")
+@click.option("--top", default=5, show_default=True, help="how many classes to show per image")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available")
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also draw each IMAGE with a bar chart of its classes to this PNG (needs matplotlib)")
+def predict_cmd(path, images, ten_crop, top, device, sheet) -> None:
+    """The most probable classes, with probabilities, of each IMAGE (JPEG, PNG, ...)."""
+    try:
+        predictions = predict_files(path, list(images), mode="ten" if ten_crop else "center", device=device, k=top)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    if sheet is not None:
+        try:
+            predict_sheet(predictions, list(images), sheet, title=f"top-{top} predictions of {path}")
+        except (ImportError, OSError) as e:  # no matplotlib, or the PNG cannot be written
+            raise click.ClickException(str(e)) from None
+    click.echo(format_predictions(images, predictions))
+    if sheet is not None:
+        click.echo(f"wrote {sheet}", err=True)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="the PNG to write  [default: RUN_DIR/report.png]")
+@click.option("--plot/--no-plot", default=True, help="draw the plots (needs matplotlib), or only print the summary  [default: plot]")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object instead of text")
+def report_cmd(run_dir, out, plot, as_json) -> None:
+    """Summarise the run in RUN_DIR (best epoch, errors, time, speed) and plot its metrics.jsonl: loss,
+    top-1 and top-5 error, learning rate, images/s and data-wait share, to RUN_DIR/report.png."""
+    try:
+        summary = render_report(run_dir, out) if plot else run_summary(run_dir)
+    except (ReportError, ImportError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(summary, sort_keys=True) if as_json else format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Top-1 / top-5 error on the validation split: centre crop, or the paper's ten crops with the softmax
+averaged over the views. Every validation sample counts exactly once, whatever the world size."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train import dist
+from train.augment import PixelStats, eval_views
+from train.checkpoint import load_model
+from prep.contract import ContractError
+from train.stream import DeviceLoader, ShardStream, Split, make_loader, open_shards
+
+
+CENTRE_VIEW = 4  # eval_views(mode="ten") order: 4 corners, centre, then their mirror images
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """(B, C) scores, (B,) labels -> (len(ks),) float64 counts of samples whose label is among the k
+    best scores. With fewer than k classes every sample counts."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (B, k)
+    hit = top == labels[:, None]  # (B, k), at most one True per row
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks]).double()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; float32 (no autocast) on the CPU, where results must be exact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    stats: PixelStats,
+    device: torch.device,
+    *,
+    batch_size: int = 128,
+    crop_size: int = 224,
+    mode: str = "center",
+    workers: int = 4,
+    decode: str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """{"top1_err", "top5_err", "loss", "samples", "views"} over the whole split. Each rank reads its
+    part (pass the model without its DDP wrapper: ranks see different numbers of batches); the counts
+    are summed over ranks. `loss` is the mean negative log of the averaged softmax at the label.
+    mode="ten" also gives "center_top1_err" and "center_top5_err" from the centre view alone, so one
+    pass yields both of the paper's test protocols."""
+    was_training = model.training
+    model.eval()
+    stream = ShardStream(split, batch_size, train=False, rank=rank, world_size=world_size, decode=decode)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits, centre view's top-1, top-5 hits
+    samples = 0
+    for images, labels in DeviceLoader(make_loader(stream, workers, device), device, decode):
+        x = eval_views(images, stats, crop_size, mode)  # (V, B, 3, S, S)
+        v, b = x.shape[:2]
+        x = x.flatten(0, 1)  # (V * B, 3, S, S)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            logits = model(x)  # (V * B, C)
+        view_probs = F.softmax(logits.float().view(v, b, -1), dim=-1)  # (V, B, C)
+        probs = view_probs.mean(dim=0)  # (B, C)
+        nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
+        centre = view_probs[CENTRE_VIEW if v > 1 else 0]  # (B, C)
+        sums += torch.cat([nll.double()[None], topk_correct(probs, labels), topk_correct(centre, labels)])
+        samples += b
+    model.train(was_training)
+    packed = torch.cat([sums, torch.tensor([samples], dtype=torch.float64, device=device)])
+    loss, top1, top5, centre_top1, centre_top5, n = dist.sum_all(packed).tolist()  # the one sync with the device
+    result = {"top1_err": 1 - top1 / n, "top5_err": 1 - top5 / n, "loss": loss / n, "samples": int(n), "views": 1}
+    if mode == "ten":
+        result.update(views=10, center_top1_err=1 - centre_top1 / n, center_top5_err=1 - centre_top5 / n)
+    return result
+
+
+def evaluate_checkpoint(
+    path: str, shards: str | None = None, *, mode: str = "center", batch_size: int = 128, workers: int = 4, device: str = "auto"
+) -> dict:
+    """Evaluate a checkpoint on a shard folder's validation split (by default the folder it was
+    trained on); works under torchrun too. Returns evaluate()'s numbers plus what was evaluated."""
+    dev = dist.resolve_device(device)
+    world = dist.init(dev.type)
+    try:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", world.local_rank)
+        model, state = load_model(path, dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        location = shards or state["config"]["shards"]
+        folder = open_shards(location, splits=("validation",))
+        if [c.wnid for c in folder.classes] != [c["wnid"] for c in state["classes"]]:
+            raise ContractError(f"{location}: its classes differ from the {len(state['classes'])} the checkpoint was trained on")
+        stats = PixelStats.from_json(state["stats"], dev)
+        result = evaluate(model, folder.split("validation"), stats, dev, batch_size=batch_size, crop_size=state["config"]["crop_size"],
+                          mode=mode, workers=workers, rank=world.rank, world_size=world.world_size)
+    finally:
+        dist.teardown()
+    return {"checkpoint": str(path), "shards": location, "mode": mode, "epoch": state["epoch"], **result}
