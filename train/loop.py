@@ -213,21 +213,12 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # Every random draw of this step is a function of (seed, epoch, step, rank): resumable.
-                aug_gen.manual_seed(seed_for(config.seed, epoch, step, world.rank, 0))
-                torch.manual_seed(seed_for(config.seed, epoch, step, world.rank, 1))
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                x = train_views(images, stats, config.crop_size, generator=aug_gen, lighting_std=config.lighting_std)  # (B, 3, S, S)
-                with autocast(device):
-                    logits = model(x)  # (B, C)
-                    loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                seeds = (seed_for(config.seed, epoch, step, world.rank, 0), seed_for(config.seed, epoch, step, world.rank, 1))
+                loss, logits = train_step(model, optimizer, images, labels, stats, crop_size=config.crop_size,
+                                          lighting_std=config.lighting_std, generator=aug_gen, seeds=seeds)
                 global_step += 1
                 bar.update()
-                with torch.no_grad():
-                    interval += torch.cat([loss.detach().double()[None] * len(labels), topk_correct(logits.detach(), labels)])
+                interval += torch.cat([loss.double()[None] * len(labels), topk_correct(logits, labels)])
                 interval_samples += len(labels)
 
                 save_now = config.save_every and global_step % config.save_every == 0 and step + 1 < steps_per_epoch
@@ -270,6 +261,26 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         if is_best and world.is_main:
             checkpoint.link(out / checkpoint.LAST, out / checkpoint.BEST)
     return record
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               stats: PixelStats, *, crop_size: int, lighting_std: float, generator: torch.Generator,
+               seeds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on uint8 (B, 3, 256, 256) images and int64 (B,) labels, both on the device:
+    augment (seeded by seeds[0]), forward (dropout seeded by seeds[1]), backward, update. Returns the
+    detached loss and (B, C) logits without syncing with the device."""
+    generator.manual_seed(seeds[0])
+    torch.manual_seed(seeds[1])
+    if images.is_cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    x = train_views(images, stats, crop_size, generator=generator, lighting_std=lighting_std)  # (B, 3, S, S)
+    with autocast(images.device):
+        logits = model(x)  # (B, C)
+        loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
 def epoch_record(epoch: int, global_step: int, totals: torch.Tensor, lr: float) -> dict:
