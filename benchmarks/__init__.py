@@ -1,0 +1,1 @@
+"""The benchmark suite: `python -m benchmarks.run` from the repository root (see docs/benchmarks.md)."""

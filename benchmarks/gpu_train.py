@@ -1,0 +1,355 @@
+"""GPU training speed in one run: model-only, loader-only and end-to-end images/s, per arch, batch size,
+eager or compiled, and CPU or GPU JPEG decode.
+
+First it writes photo-like JPEGs (ImageNet-sized, about 500x375) and builds them into 256 px shards with
+alexprep, using benchmarks/cpu_loader.py's helpers (about half a minute on 16 cores). Then:
+  - loader-only: alextrain's input (ShardStream -> make_loader -> DeviceLoader) from the shards to uint8
+    (B, 3, 256, 256) batches on the device: CPU workers decode and the batches go through pinned memory
+    with non_blocking copies (decode="cpu"), or the workers pass JPEG bytes and the device decodes them in
+    batches (decode="gpu");
+  - model-only: alextrain's training step (crop, flip, PCA lighting and normalisation on the device,
+    forward and backward under bf16 autocast in channels_last, SGD with momentum and weight decay) on
+    random uint8 batches already on the device;
+  - end-to-end: the loader feeding that step, with the share of the time spent waiting for data.
+Each measurement runs a fixed number of warm-up steps (worker start-up, cudnn autotuning, compilation),
+then a fixed number of timed steps between two device synchronisations. Results go to --json after every
+measurement, so a run cut short keeps what it measured. Measurements that would start after
+--time-limit seconds are skipped and listed; the paper model ("alexnet") goes first.
+
+    python3 -m benchmarks.gpu_train --json gpu_train.json          # about 5 minutes on an H100, 16 cores
+    .venv/bin/python -m benchmarks.gpu_train --device cpu --quick   # every code path, tiny sizes, on the CPU
+
+Run it from the repository root (it imports prep, train and benchmarks from there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.cpu_loader import PHOTO_SIZES, QUICK_SIZES, build_photo_shards, write_photo_tree
+from prep.contract import write_json
+from train.augment import PixelStats
+from train.evaluate import topk_correct
+from train.loop import train_step
+from train.model import ARCHS, build_model
+from train.stream import DeviceLoader, ShardStream, Split, make_loader, open_shards, seed_for
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+PAPER_EPOCHS = 90
+NUM_CLASSES = 1000  # the ImageNet model's classifier, whatever the test shards' labels are
+LIGHTING_STD = 0.1  # alextrain's default PCA lighting
+SHM_BYTES_PER_BATCH_IMAGE = 3 * 256 * 256  # a uint8 (3, 256, 256) image in a worker's shared-memory batch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure and for how long."""
+
+    device: str
+    archs: tuple[str, ...]
+    batches: tuple[int, ...]
+    modes: tuple[str, ...]  # "eager", "compile"
+    decodes: tuple[str, ...]  # "cpu", "gpu"
+    workers: int  # DataLoader workers
+    images: int  # photos built into shards
+    shard_size: int
+    photo_sizes: tuple[tuple[int, int], ...]
+    model_warmup: int  # model-only warm-up steps (the first one compiles)
+    model_images: int  # model-only timed images, rounded up to whole batches
+    loader_warmup: int  # loader-only and end-to-end warm-up batches (worker start-up, first prefetches)
+    loader_images: int  # loader-only and end-to-end timed images, rounded up to whole batches
+    time_limit: float  # seconds after the shards are built; later measurements are skipped
+    crop: int = 224
+
+    def timed_steps(self, images: int, batch: int) -> int:
+        return math.ceil(images / batch)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    cores = len(os.sched_getaffinity(0))
+    workers = args.workers if args.workers is not None else max(1, cores - 1)  # one core for the training loop
+    if args.quick:
+        return Plan(args.device, tuple(args.archs), (4,), tuple(args.modes), tuple(args.decodes), args.workers or 2,
+                    images=48, shard_size=6, photo_sizes=QUICK_SIZES, model_warmup=1, model_images=4,
+                    loader_warmup=1, loader_images=8, time_limit=args.time_limit)
+    # Shards: many more than readers (each reader then owns whole shards), small enough to build fast.
+    return Plan(args.device, tuple(args.archs), tuple(args.batches), tuple(args.modes), tuple(args.decodes), workers,
+                images=args.images, shard_size=max(1, args.images // 80), photo_sizes=PHOTO_SIZES,
+                model_warmup=10, model_images=16384, loader_warmup=workers + 8, loader_images=32768,
+                time_limit=args.time_limit)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainStep:
+    """alextrain's training step (train.loop.train_step) without its logging and checkpoints: per-step
+    seeds, channels_last on CUDA, train_views on the device, bf16 autocast (CUDA), cross-entropy in
+    float32, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), top-1/top-5 hits accumulated on the device."""
+
+    def __init__(self, arch: str, device: torch.device, compile: bool, stats: PixelStats, crop: int):
+        torch.manual_seed(0)
+        model = build_model(arch, NUM_CLASSES).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        if compile:
+            torch._dynamo.reset()  # a fresh, static-shape compile, as in a new alextrain process
+            model = torch.compile(model)
+        self.model, self.device, self.stats, self.crop = model.train(), device, stats, crop
+        self.generator = torch.Generator(device)
+        self.hits = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+        """One step on uint8 (B, 3, 256, 256) images and int64 (B,) labels, both on the device."""
+        seeds = (seed_for(0, 0, step, 0, 0), seed_for(0, 0, step, 0, 1))
+        _, logits = train_step(self.model, self.optimizer, images, labels, self.stats, crop_size=self.crop,
+                               lighting_std=LIGHTING_STD, generator=self.generator, seeds=seeds)
+        self.hits += topk_correct(logits, labels)
+
+
+def model_only(step: TrainStep, batch: int, warmup: int, timed: int, device: torch.device) -> dict:
+    """Images/s of `step` on random uint8 batches already on the device (two, alternating)."""
+    gen = torch.Generator(device).manual_seed(0)
+    images = [torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device, generator=gen) for _ in range(2)]
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=gen)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(images[i % 2], labels, i)
+    sync(device)
+    t1 = time.perf_counter()
+    for i in range(warmup, warmup + timed):
+        step(images[i % 2], labels, i)
+    sync(device)
+    seconds = time.perf_counter() - t1
+    out = {"images": timed * batch, "seconds": seconds, "images_per_s": timed * batch / seconds, "warmup_s": t1 - t0}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, decode: str, device: torch.device,
+               step: TrainStep | None, epoch: int) -> dict:
+    """Images/s of alextrain's loader alone (step None) or feeding `step`; `warmup` batches first.
+    data_wait: the share of the timed seconds the loop spent blocked on the loader."""
+    stream = ShardStream(split, batch, train=True, seed=0, epoch=epoch, steps=warmup + timed, decode=decode)
+    loader = DeviceLoader(make_loader(stream, workers, device), device, decode)
+    batches = iter(loader)
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        images, labels = next(batches)
+        if step is not None:
+            step(images, labels, i)
+    sync(device)
+    loader.reset_wait()
+    t1 = time.perf_counter()
+    for i in range(warmup, warmup + timed):
+        images, labels = next(batches)  # (B, 3, 256, 256) uint8, (B,) int64 on the device
+        if step is not None:
+            step(images, labels, i)
+    sync(device)
+    seconds, wait = time.perf_counter() - t1, loader.reset_wait()
+    for _ in batches:  # the stream has no batches left: this ends the iteration and shuts the workers down
+        pass
+    return {"images": timed * batch, "seconds": seconds, "images_per_s": timed * batch / seconds,
+            "data_wait": wait / seconds, "warmup_s": t1 - t0}
+
+
+class Bench:
+    """Runs the measurements in order, skipping those that would start after the time limit, and
+    writes the report after each one."""
+
+    def __init__(self, plan: Plan, report: dict, json_path: str | None):
+        self.plan, self.report, self.json_path = plan, report, json_path
+        self.start = time.perf_counter()
+
+    def save(self) -> None:
+        self.report["table"] = table(self.report)
+        self.report["seconds"] = time.perf_counter() - self.start + self.report["shards"].get("seconds", 0)
+        if self.json_path:
+            write_json(self.json_path, self.report)
+
+    def measure(self, kind: str, key: dict, fn, *args) -> dict | None:
+        """Run fn(*args) -> result dict for one row of report[kind] keyed by `key`, unless past the time
+        limit; an exception is recorded as that row's error and the run goes on."""
+        name = " ".join(f"{k}={v}" for k, v in key.items())
+        elapsed = time.perf_counter() - self.start
+        if elapsed > self.plan.time_limit:
+            self.report["skipped"].append({"kind": kind, **key})
+            print(f"skip {kind} {name}: past the time limit ({elapsed:.0f} s > {self.plan.time_limit:.0f} s)", flush=True)
+            self.save()
+            return None
+        try:
+            result = fn(*args)
+        except Exception as e:  # one failing configuration (say, out of memory) must not lose the others
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        row = {**key, **result}
+        self.report[kind].append(row)
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+        print(f"{kind} {name}: {shown}  [{time.perf_counter() - self.start:.0f} s]", flush=True)
+        self.save()
+        return row
+
+
+def run(plan: Plan, folder: Path | None, json_path: str | None) -> dict:
+    """Build the shards (unless `folder` holds some), then measure as `plan` says; returns the report."""
+    device = torch.device(plan.device)
+    report = {"what": "GPU training speed: model-only, loader-only, end-to-end", "plan": asdict(plan),
+              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "shards": {}, "loader_only": [], "model_only": [], "end_to_end": [], "skipped": []}
+    with tempfile.TemporaryDirectory(prefix="gpu-train-bench-") as tmp:
+        # Built before CUDA is touched, so the build's forked pool starts from a process without a CUDA context.
+        if folder is None:
+            t = time.perf_counter()
+            cores = len(os.sched_getaffinity(0))
+            write_photo_tree(Path(tmp, "photos"), plan.images, 100, workers=cores, sizes=plan.photo_sizes)
+            generated = time.perf_counter() - t
+            folder = Path(tmp, "shards")
+            build_photo_shards(Path(tmp, "photos"), folder, plan.shard_size, workers=cores)
+            report["shards"] = {"images": plan.images, "generate_s": generated, "seconds": time.perf_counter() - t}
+        shards = open_shards(str(folder), splits=("train",))
+        split = shards.split("train")
+        report["shards"].update(folder=str(folder), num_samples=split.num_samples, num_shards=len(split.urls),
+                                mean_sample_kb=sum(f.stat().st_size for f in folder.glob("train-*.tar")) / split.num_samples / 1e3)
+        report["machine"] = machine(device)
+        print(f"shards: {report['shards']}\nmachine: {report['machine']}", flush=True)
+        check_shm(plan)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as alextrain does
+        bench = Bench(plan, report, json_path)
+        bench.save()
+        stats = PixelStats.from_json(shards.stats, device)
+        epoch = 0  # each stream gets its own epoch number, so its shard order differs from the last one's
+
+        for batch in plan.batches:
+            for decode in plan.decodes:
+                epoch += 1
+                timed = plan.timed_steps(plan.loader_images, batch)
+                bench.measure("loader_only", {"batch": batch, "decode": decode, "workers": plan.workers}, stream_run,
+                              split, batch, plan.loader_warmup, timed, plan.workers, decode, device, None, epoch)
+
+        for arch in plan.archs:
+            for mode in plan.modes:
+                for batch in plan.batches:
+                    key = {"arch": arch, "batch": batch, "mode": mode}
+                    try:
+                        step = TrainStep(arch, device, mode == "compile", stats, plan.crop)
+                    except Exception as e:
+                        traceback.print_exc()
+                        report["model_only"].append({**key, "error": f"{type(e).__name__}: {e}"})
+                        bench.save()
+                        continue
+                    timed = plan.timed_steps(plan.model_images, batch)
+                    alone = bench.measure("model_only", key, model_only, step, batch, plan.model_warmup, timed, device)
+                    if alone is None or "error" in alone:
+                        continue  # past the time limit, or the model itself fails: no end-to-end either
+                    for decode in plan.decodes:
+                        epoch += 1
+                        timed = plan.timed_steps(plan.loader_images, batch)
+                        row = bench.measure("end_to_end", {**key, "decode": decode, "workers": plan.workers}, stream_run,
+                                            split, batch, plan.loader_warmup, timed, plan.workers, decode, device, step, epoch)
+                        if row is not None and "images_per_s" in row:
+                            row["x_model_only"] = row["images_per_s"] / alone["images_per_s"]
+                            row["hours_90_epochs"] = PAPER_EPOCHS * IMAGENET_TRAIN_IMAGES / row["images_per_s"] / 3600
+                            bench.save()
+                    del step
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        bench.save()
+    return report
+
+
+def machine(device: torch.device) -> dict:
+    import PIL
+    import torchvision
+
+    out = {"cores": len(os.sched_getaffinity(0)), "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    if shm is not None:
+        out["shm_free_gib"] = shm.f_bavail * shm.f_frsize / 2**30
+    return out
+
+
+def check_shm(plan: Plan) -> None:
+    """Warn when /dev/shm may be too small for the workers' batches in flight (they pass through it;
+    running out kills a worker with a bus error)."""
+    if not os.path.isdir("/dev/shm"):
+        return
+    st = os.statvfs("/dev/shm")
+    need = plan.workers * 4 * max(plan.batches) * SHM_BYTES_PER_BATCH_IMAGE  # make_loader's prefetch_factor is 4
+    if st.f_bavail * st.f_frsize < 1.5 * need:
+        print(f"WARNING: /dev/shm has {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free; {plan.workers} workers with batches of "
+              f"{max(plan.batches)} may hold {need / 2**30:.1f} GiB there (as root: mount -o remount,size=32G /dev/shm)", flush=True)
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(report: dict) -> str:
+    """One row per (arch, batch, mode, decode): model-only, loader-only, end-to-end images/s and their ratio."""
+    loader = {(r["batch"], r["decode"]): r.get("images_per_s") for r in report["loader_only"]}
+    alone = {(r["arch"], r["batch"], r["mode"]): r.get("images_per_s") for r in report["model_only"]}
+    lines = ["| arch | batch | mode | decode | model-only img/s | loader-only img/s | end-to-end img/s | e2e / model | data wait | 90 epochs, h |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["end_to_end"]:
+        lines.append(
+            f"| {r['arch']} | {r['batch']} | {r['mode']} | {r['decode']} | {fmt(alone.get((r['arch'], r['batch'], r['mode'])), ',.0f')} | "
+            f"{fmt(loader.get((r['batch'], r['decode'])), ',.0f')} | {fmt(r.get('images_per_s'), ',.0f')} | "
+            f"{fmt(r.get('x_model_only'), '.2f')} | {fmt(r.get('data_wait'), '.0%')} | {fmt(r.get('hours_90_epochs'), '.1f')} |"
+            + (f" error: {r['error']}" if "error" in r else ""))
+    for r in report["model_only"]:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['batch']} | {r['mode']} | - | error: {r['error']} | | | | | |")
+    for r in report["loader_only"]:
+        if "error" in r:
+            lines.append(f"| (loader) | {r['batch']} | - | {r['decode']} | | error: {r['error']} | | | | |")
+    for s in report["skipped"]:
+        lines.append(f"| {s.get('arch', '(loader)')} | {s['batch']} | {s.get('mode', '-')} | {s.get('decode', '-')} | "
+                     f"skipped ({s['kind']}, time limit) | | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="48 small images, batch 4, 2 workers, 1 or 2 timed steps (a sanity run)")
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=["alexnet", "alexnet-tv"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
+    parser.add_argument("--decodes", nargs="+", choices=("cpu", "gpu"), default=["cpu", "gpu"])
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: cores - 1)")
+    parser.add_argument("--images", type=int, default=16000, help="photos built into shards (default 16000)")
+    parser.add_argument("--shards", type=Path, help="measure on this shard folder instead of building one")
+    parser.add_argument("--time-limit", type=float, default=200, help="seconds after the shards are ready; later measurements are skipped (default 200)")
+    parser.add_argument("--json", help="write the results here (rewritten after every measurement)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_train: skipped, no CUDA device here (use --device cpu --quick for a sanity run)")
+        return 0
+    report = run(make_plan(args), args.shards, args.json)
+    print("\n" + report["table"])
+    failed = [r for kind in ("loader_only", "model_only", "end_to_end") for r in report[kind] if "error" in r]
+    print(f"\n{len(failed)} failed, {len(report['skipped'])} skipped, {report['seconds']:.0f} s in all")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
