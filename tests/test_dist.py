@@ -64,7 +64,7 @@ def test_torchrun_two_process_gloo_training_and_evaluation(demo_shards, tmp_path
         single = evaluate_checkpoint(str(out), batch_size=1, workers=0, device="cpu")
     finally:
         torch.set_num_threads(threads)
-    both = torchrun(["eval", "--checkpoint", str(out), "--json", "--workers", "1", "--batch-size", "1"], cwd=tmp_path)
+    both = torchrun(["eval", "--checkpoint", str(out), "--center", "--json", "--workers", "1", "--batch-size", "1"], cwd=tmp_path)
     (result,) = [json.loads(line) for line in both.stdout.splitlines() if line.startswith("{")]  # rank 0 alone prints
     assert result["samples"] == single["samples"] == 100
     assert (result["top1_err"], result["top5_err"]) == (single["top1_err"], single["top5_err"])
