@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from train import checkpoint
+from train import checkpoint, dist
 from train.evaluate import evaluate_checkpoint
 from train.stream import ShardStream, epoch_order, open_shards, reader_plan
 
@@ -69,3 +69,13 @@ def test_torchrun_two_process_gloo_training_and_evaluation(demo_shards, tmp_path
     assert result["samples"] == single["samples"] == 100
     assert (result["top1_err"], result["top5_err"]) == (single["top1_err"], single["top5_err"])
     assert result["loss"] == pytest.approx(single["loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("cores, ranks_here, expected", [(16, None, 15), (64, "8", 7), (2, None, 1), (1, None, 0), (8, "8", 0)])
+def test_default_workers_share_the_cores_among_the_ranks_on_the_machine(monkeypatch, cores, ranks_here, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    if ranks_here is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
+    assert dist.default_workers() == expected

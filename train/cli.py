@@ -86,7 +86,8 @@ def train_cmd(ctx: click.Context, **options) -> None:
 @click.option("--ten-crop/--center", default=True,
               help="the centre crop and the paper's ten crops (softmax averaged) in one pass, or the centre crop alone  [default: ten-crop]")
 @click.option("--batch-size", default=128, show_default=True, help="images per batch (x10 views with --ten-crop)")
-@click.option("--workers", default=4, show_default=True, help="DataLoader worker processes")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader worker processes  [default: this machine's cores shared among its ranks, less one each]")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a sentence")
 def eval_cmd(path, shards, ten_crop, batch_size, workers, device, as_json) -> None:

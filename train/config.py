@@ -46,7 +46,8 @@ class TrainConfig:
     patience: int = _opt(5, "plateau schedule: epochs without a better validation top-1 before dividing lr by 10")
     step_epochs: int = _opt(30, "step schedule: divide lr by 10 every this many epochs")
     warmup_epochs: float = _opt(0.0, "linear warm-up from 0 to lr over this many epochs (any schedule)")
-    workers: int = _opt(4, "DataLoader worker processes per rank that read and decode shards (0 = in the main process)")
+    workers: int | None = _opt(None, "DataLoader worker processes per rank that read and decode shards (0 = in the main process)  "
+                                     "[default: this machine's cores shared among its ranks, less one each for training]")
     device: str = _opt("auto", "'auto' = cuda if available, else cpu", choices=DEVICES)
     out: str = _opt("runs/train", "run folder for config.json, metrics.jsonl, last.pt, best.pt")
     seed: int = _opt(0, "seed for the initial weights, shard order, shuffle buffer, augmentation and dropout")
@@ -71,7 +72,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("workers", "save_every", "warmup_epochs", "lighting_std", "weight_decay", "momentum"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, not {self.lr}")

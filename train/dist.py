@@ -55,6 +55,13 @@ def init(device_type: str) -> World:
     return world
 
 
+def default_workers() -> int:
+    """Loader workers per rank when none are asked for: the machine's cores shared among the ranks
+    on it (torchrun's LOCAL_WORLD_SIZE), less one per rank for the process that trains."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, (os.cpu_count() or 1) // ranks_here - 1)
+
+
 def launched_as_main() -> bool:
     """True in rank 0 of a torchrun launch, and in a process not started by torchrun."""
     return os.environ.get("RANK", "0") == "0"

@@ -83,7 +83,7 @@ def evaluate(
 
 
 def evaluate_checkpoint(
-    path: str, shards: str | None = None, *, mode: str = "center", batch_size: int = 128, workers: int = 4, device: str = "auto"
+    path: str, shards: str | None = None, *, mode: str = "center", batch_size: int = 128, workers: int | None = None, device: str = "auto"
 ) -> dict:
     """Evaluate a checkpoint on a shard folder's validation split (by default the folder it was
     trained on); works under torchrun too. Returns evaluate()'s numbers plus what was evaluated."""
@@ -101,7 +101,7 @@ def evaluate_checkpoint(
             raise ContractError(f"{location}: its classes differ from the {len(state['classes'])} the checkpoint was trained on")
         stats = PixelStats.from_json(state["stats"], dev)
         result = evaluate(model, folder.split("validation"), stats, dev, batch_size=batch_size, crop_size=state["config"]["crop_size"],
-                          mode=mode, workers=workers, rank=world.rank, world_size=world.world_size)
+                          mode=mode, workers=dist.default_workers() if workers is None else workers, rank=world.rank, world_size=world.world_size)
     finally:
         dist.teardown()
     return {"checkpoint": str(path), "shards": location, "mode": mode, "epoch": state["epoch"], **result}

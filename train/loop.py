@@ -123,7 +123,8 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         torch.backends.cudnn.benchmark = True
     if config.decode == "gpu" and device.type != "cuda":
         raise ConfigError("--decode gpu needs a CUDA device")
-    config = config.replace(device=device.type)
+    workers = config.workers if config.workers is not None else dist.default_workers()
+    config = config.replace(device=device.type, workers=workers)
 
     # ---- run folder: rank 0 writes, the others only compute
     out = Path(config.out)
