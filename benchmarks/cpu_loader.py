@@ -44,7 +44,8 @@ from PIL import Image
 
 from prep.build import build_shards
 from prep.contract import write_json
-from train.stream import ShardStream, Split, make_loader, open_shards, read_shard
+from train.loader import make_loader
+from train.stream import ShardStream, Split, open_shards, read_shard
 
 # Sizes of typical ImageNet training photos (width, height); the mean ImageNet image is about 400 x 350.
 PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (400, 300), (333, 500), (500, 400))

@@ -43,7 +43,8 @@ from train.augment import PixelStats
 from train.evaluate import topk_correct
 from train.loop import train_step
 from train.model import ARCHS, build_model
-from train.stream import DeviceLoader, ShardStream, Split, make_loader, open_shards, seed_for
+from train.loader import DeviceLoader, make_loader
+from train.stream import ShardStream, Split, open_shards, seed_for
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_EPOCHS = 90

@@ -1,80 +1,25 @@
 """The streaming input: shard plans, exact coverage per epoch, resume positions, errors, URL prefixes.
 
-Shards here are written by `write_folder`: real tar files of real 256x256 JPEGs where sample i has
-label i and a flat grey level that encodes i, so a lost, repeated or mismatched sample shows at once.
+Shards here are written by `grey_shards.write_folder`: real tar files of real 256x256 JPEGs where
+sample i has label i and a flat grey level that encodes i, so a lost, repeated or mismatched sample
+shows at once.
 """
 
 import functools
-import hashlib
 import http.server
-import io
 import json
-import tarfile
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import encode_jpeg
 
-from prep.contract import ContractError, shard_name
-from train.stream import (
-    DeviceLoader,
-    ShardError,
-    ShardStream,
-    epoch_order,
-    join,
-    make_loader,
-    open_shards,
-    read_shard,
-    reader_plan,
-    worker_batches,
-)
+from grey_shards import check_pixels, jpeg_of, write_folder
+from prep.contract import ContractError
+from train.loader import DeviceLoader, make_loader
+from train.stream import ShardError, ShardStream, epoch_order, join, open_shards, read_shard, reader_plan, worker_batches
 
 CPU = torch.device("cpu")
-
-
-def grey(i: int) -> int:
-    """The grey level of sample i: distinct for neighbours, far from JPEG's rounding."""
-    return 16 + (i * 37) % 224
-
-
-def jpeg_of(i: int) -> bytes:
-    return encode_jpeg(torch.full((3, 256, 256), grey(i), dtype=torch.uint8), quality=90).numpy().tobytes()
-
-
-def write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, jpg, label in samples:
-            for ext, data in (("jpg", jpg), ("cls", str(label).encode()), ("json", json.dumps({"key": key}).encode())):
-                member = tarfile.TarInfo(f"{key}.{ext}")
-                member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
-
-
-def write_folder(folder: Path, train_lengths=(7, 3, 5, 6, 4), val_lengths=(4, 5, 2)) -> Path:
-    """A contract shard folder: sample i of a split has label i and key f"{split}_{i:05d}"."""
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, lengths in (("train", train_lengths), ("validation", val_lengths)):
-        names, shards, first = [], [], 0
-        for s, n in enumerate(lengths):
-            name = shard_name(split, s)
-            write_tar(folder / name, [(f"{split}_{i:05d}", jpeg_of(i), i) for i in range(first, first + n)])
-            data = (folder / name).read_bytes()
-            names.append(name)
-            shards.append({"filename": name, "num_samples": n, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
-            first += n
-        splits[split] = {"name": split, "filenames": names, "shard_lengths": list(lengths), "num_samples": first,
-                         "num_inputs": first, "shards": shards, "skipped": []}
-    classes = [{"index": i, "wnid": f"syn{i:05d}", "name": f"class {i}"} for i in range(max(sum(train_lengths), sum(val_lengths)))]
-    info = {"name": "test", "schema_version": 1, "splits": splits, "classes": classes, "options": {}, "pillow": "test"}
-    (folder / "_info.json").write_text(json.dumps(info))
-    stats = {"schema_version": 1, "split": "train", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-             "cov": [[0.0625, 0, 0], [0, 0.0625, 0], [0, 0, 0.0625]], "eigval": [0.0625, 0.0625, 0.0625],
-             "eigvec": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "num_images": first, "num_pixels": first * 65536}
-    (folder / "stats.json").write_text(json.dumps(stats))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +29,6 @@ def folder(tmp_path_factory) -> Path:
 
 def collect(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(DeviceLoader(make_loader(stream, workers, CPU), CPU, stream.decode))
-
-
-def check_pixels(images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Each decoded image is the flat grey of its label (JPEG keeps a flat image within 1 level)."""
-    expected = torch.tensor([grey(i) for i in labels.tolist()], dtype=torch.float32)
-    assert images.shape == (len(labels), 3, 256, 256) and images.dtype == torch.uint8
-    assert (images.float().amax(dim=(1, 2, 3)) - expected).abs().max() <= 1
-    assert (images.float().amin(dim=(1, 2, 3)) - expected).abs().max() <= 1
 
 
 def test_read_shard_yields_raw_samples_in_file_order(folder):

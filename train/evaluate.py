@@ -13,7 +13,8 @@ from train import dist
 from train.augment import PixelStats, eval_views
 from train.checkpoint import load_model
 from prep.contract import ContractError
-from train.stream import DeviceLoader, ShardStream, Split, make_loader, open_shards
+from train.loader import DeviceLoader, make_loader
+from train.stream import ShardStream, Split, open_shards
 
 
 CENTRE_VIEW = 4  # eval_views(mode="ten") order: 4 corners, centre, then their mirror images

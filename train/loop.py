@@ -27,7 +27,8 @@ from train.augment import PixelStats, train_views
 from train.config import PAPER_BATCH, ConfigError, TrainConfig
 from train.evaluate import autocast, evaluate, topk_correct
 from train.model import build_model
-from train.stream import DeviceLoader, ShardStream, make_loader, open_shards, seed_for
+from train.loader import DeviceLoader, make_loader
+from train.stream import ShardStream, open_shards, seed_for
 
 METRICS, CONFIG = "metrics.jsonl", "config.json"
 

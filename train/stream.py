@@ -1,6 +1,6 @@
 """Shards -> uint8 batches: the streaming input of alextrain.
 
-The stages, each a small generator over the previous one, run inside each DataLoader worker:
+The stages, each a small generator over the previous one, run inside each loader worker (train/loader.py):
 
     plan (which shards, which samples) -> read raw samples (webdataset's tar reader, gopen for URLs)
     -> shuffle buffer (raw bytes) -> raw batches -> skip the batches done before a resume -> decode
@@ -14,7 +14,7 @@ none runs dry. Resuming at step s skips the first s batches before decoding, so 
 
 Workers only read and decode (to uint8 (B, 3, 256, 256)); every per-pixel operation after that runs on
 the training device (train/augment.py). With decode="gpu" the workers pass the JPEG bytes through and
-`DeviceLoader` decodes them in batches on the device.
+`train.loader.DeviceLoader` decodes them in batches on the device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import itertools
 import random
 import subprocess
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Iterator
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
@@ -170,7 +169,7 @@ def reader_plan(order: list[int], reader: int, readers: int) -> tuple[list[int],
 
 def worker_batches(steps: int, start: int, worker: int, workers: int) -> tuple[int, int]:
     """(skip, count) for worker `worker` of `workers` on a rank that takes batches start..steps-1.
-    The DataLoader takes batch b from worker b % workers; the worker's j-th batch is batch
+    The loader takes batch b from worker b % workers; the worker's j-th batch is batch
     j * workers + worker. It skips the batches before `start` and yields the rest up to `steps`."""
     skip = len(range(worker, start, workers))
     return skip, len(range(worker, steps, workers)) - skip
@@ -250,24 +249,27 @@ def raw_batches(samples: Iterator[RawSample], batch_size: int) -> Iterator[list[
         yield batch
 
 
-def decode_batch(batch: list[RawSample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw samples -> (uint8 (B, 3, 256, 256) RGB, int64 (B,) labels), decoded on this CPU."""
+def decode_batch(batch: list[RawSample], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw samples -> (uint8 (B, 3, 256, 256) RGB, int64 (B,) labels), decoded on this CPU into
+    out[:B] if given (a channels_last (N >= B, 3, 256, 256) buffer), else into a new tensor."""
     # channels_last: decode_jpeg's result is an (H, W, 3) buffer viewed as (3, H, W), so copying it into
     # a channels_last batch is a straight memcpy (into NCHW it is a slow transpose); it is also the
     # layout the model takes on the GPU.
-    images = torch.empty(len(batch), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, memory_format=torch.channels_last)
+    if out is None:
+        out = torch.empty(len(batch), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, memory_format=torch.channels_last)
+    images = out[: len(batch)]
     for i, (url, key, jpg, _) in enumerate(batch):
         try:
             image = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as e:
-            raise ShardError(f"{url}: sample {key}: JPEG does not decode ({_reason(e)})") from None
+            raise ShardError(f"{url}: sample {key}: JPEG does not decode ({decode_error_reason(e)})") from None
         if image.shape != images.shape[1:]:
             raise ShardError(f"{url}: sample {key}: image is {tuple(image.shape)}, expected (3, {IMAGE_SIZE}, {IMAGE_SIZE})")
         images[i] = image
     return images, torch.tensor([label for *_, label in batch], dtype=torch.int64)
 
 
-def _reason(e: RuntimeError) -> str:
+def decode_error_reason(e: RuntimeError) -> str:
     """The decoder's own words from a torchvision error ("decode_jpeg, FILE.cpp:171, Invalid JPEG...")."""
     return str(e).splitlines()[0].split(", ")[-1]
 
@@ -282,7 +284,7 @@ def pack_batch(batch: list[RawSample]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 class ShardStream(IterableDataset):
-    """One epoch of one split on one rank, as batches; give it to `make_loader`.
+    """One epoch of one split on one rank, as batches; give it to `train.loader.make_loader`.
 
     train=True: shards shuffled with (seed, epoch), a shuffle buffer, exactly `steps` batches of
     `batch_size` on this rank, of which the first `start` are skipped (resume). train=False: every
@@ -312,12 +314,12 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.decode = shuffle_buffer, decode
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def raw_batches(self, worker: int = 0, workers: int = 1) -> Iterator[list[RawSample]]:
+        """The raw batches of loader worker `worker` of `workers` on this rank. A loader takes batch b
+        from worker b % workers (while every worker still has batches), which is the epoch's order."""
         if self.train:
-            # The DataLoader asks worker 0 first; after a resume at `start` that must be the worker
-            # that owns batch `start`, so worker ids rotate by `start`.
+            # The loader asks worker 0 first; after a resume at `start` that must be the worker that
+            # owns batch `start`, so worker ids rotate by `start`.
             worker = (worker + self.start) % workers
         reader, readers = self.rank * workers + worker, self.world_size * workers
         order = epoch_order(len(self.split.urls), self.seed, self.epoch, shuffle=self.train)
@@ -330,66 +332,13 @@ class ShardStream(IterableDataset):
         else:
             samples = read_samples(self.split, shards, stride, reader, cycle=False)
             batches = raw_batches(samples, self.batch_size)
-        to_tensors = decode_batch if self.decode == "cpu" else pack_batch
         # Closing the reader closes the shard it is in, also when the consumer stops early.
         with contextlib.closing(samples):
-            for batch in batches:
-                yield to_tensors(batch)
-
-
-def make_loader(stream: ShardStream, workers: int, device: torch.device) -> DataLoader:
-    """A DataLoader over a ShardStream: batching happens in the workers; pinned memory on CUDA."""
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda" and stream.decode == "cpu",
-        prefetch_factor=4 if workers else None,
-    )
-
-
-class DeviceLoader:
-    """Iterates a loader and yields (uint8 (B, 3, 256, 256), int64 (B,)) batches on `device`,
-    decoding there with decode="gpu". `wait` accumulates the seconds spent blocked on the loader
-    (the data-wait share's numerator); `reset_wait()` returns and zeroes it."""
-
-    def __init__(self, loader: DataLoader, device: torch.device, decode: str = "cpu"):
-        self.loader, self.device, self.decode = loader, device, decode
-        self.wait = 0.0
-
-    def reset_wait(self) -> float:
-        wait, self.wait = self.wait, 0.0
-        return wait
+            yield from batches
 
     def __iter__(self):
-        t0 = time.perf_counter()
-        it = iter(self.loader)  # starts the workers: part of the wait
-        while True:
-            try:
-                batch = next(it, None)
-            except ShardError as e:
-                # From a worker the message is a whole traceback; keep its last line, the error itself.
-                message = str(e).rstrip().splitlines()[-1].split("ShardError: ", 1)[-1]
-                # Drop the traceback: it holds the DataLoader iterator in a reference cycle, and
-                # workers shut down by the cycle collector wait 5 s each; shut them down now instead.
-                e.__traceback__ = None
-                del e, it
-                raise ShardError(message) from None
-            self.wait += time.perf_counter() - t0
-            if batch is None:
-                return
-            yield self.to_device(batch)
-            t0 = time.perf_counter()
-
-    def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.decode == "cpu":
-            images, labels = batch
-            return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        data, lengths, labels, urls = batch
-        try:
-            # decode_jpeg takes the bytes on the CPU and decodes the whole list in one call on the device.
-            images = decode_jpeg(list(torch.split(data, lengths.tolist())), mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError as e:
-            raise ShardError(f"{', '.join(urls)}: a JPEG does not decode ({_reason(e)})") from None
-        return torch.stack(images), labels.to(self.device, non_blocking=True)
-
+        """Decoded batches, in this process or (as an IterableDataset) in a torch DataLoader's workers."""
+        info = get_worker_info()
+        to_tensors = decode_batch if self.decode == "cpu" else pack_batch
+        for batch in self.raw_batches(*((info.id, info.num_workers) if info is not None else (0, 1))):
+            yield to_tensors(batch)

@@ -1,0 +1,183 @@
+"""The loader's worker processes and their ring of shared batch slots (train/loader.py): exact batches
+through reused slots, JPEG bytes for decoding on the device, and failures that end in one error, not a
+hang or a leftover process. Real forked workers on real tar shards of grey JPEGs (tests/grey_shards.py)."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grey_shards import check_pixels, jpeg_of, write_folder
+from train import loader as loader_module
+from train.loader import DeviceLoader, LoaderWorkerError, WorkerLoader, make_loader
+from train.stream import ShardStream, decode_batch, open_shards, pack_batch
+
+CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("shards"))
+
+
+def train_stream(folder: Path, steps: int = 9, **kwargs) -> ShardStream:
+    split = open_shards(str(folder)).split("train")  # 5 shards: 25 samples
+    return ShardStream(split, 3, train=True, seed=5, epoch=1, steps=steps, shuffle_buffer=6, **kwargs)
+
+
+def loader_children() -> list[int]:
+    """Pids of this process's children that are still running (not zombies): its loader workers."""
+    tasks = Path(f"/proc/{os.getpid()}/task").iterdir()
+    return [int(pid) for task in tasks for pid in (task / "children").read_text().split() if running(int(pid))]
+
+
+def in_turn(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches `workers` workers make, decoded in this process, taken in turn."""
+    per_worker = [[decode_batch(b) for b in stream.raw_batches(w, workers)] for w in range(workers)]
+    return [batch for turn in itertools.zip_longest(*per_worker) for batch in turn if batch is not None]
+
+
+@pytest.mark.parametrize("workers, depth", [(1, 1), (2, 2), (3, 1)])
+def test_workers_give_the_in_process_batches_through_reused_slots(folder, workers, depth):
+    expected = in_turn(train_stream(folder), workers)
+    loader = make_loader(train_stream(folder), workers, CPU, depth=depth)
+    assert loader.reuses_buffers
+    got, addresses = [], set()
+    for images, labels in loader:
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        addresses.add(images.data_ptr())
+        got.append((images.clone(), labels))
+    assert len(got) == len(expected) == 9
+    for (a, la), (b, lb) in zip(expected, got):
+        check_pixels(b, lb)
+        assert torch.equal(la, lb) and torch.equal(a, b)
+    # 9 batches went through at most workers x depth slots, so slots were refilled.
+    assert len(addresses) <= workers * depth < 9
+
+
+def test_device_loader_on_the_cpu_copies_batches_out_of_the_slots(folder):
+    batches = list(DeviceLoader(make_loader(train_stream(folder), 2, CPU, depth=1), CPU))
+    expected = in_turn(train_stream(folder), 2)
+    assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(batches, expected))
+    assert len({images.data_ptr() for images, _ in batches}) == 9
+
+
+def oversized_jpeg(i: int) -> bytes:
+    """The grey JPEG of sample i with four 64 KB application segments after its start marker: a valid
+    JPEG larger than its 196,608 bytes of pixels."""
+    jpg = jpeg_of(i)
+    padding = b"".join(b"\xff\xe5" + (65000).to_bytes(2, "big") + bytes([i]) * 64998 for _ in range(4))
+    return jpg[:2] + padding + jpg[2:]
+
+
+def test_jpeg_bytes_for_the_device_go_through_slots_or_spill_when_larger(tmp_path):
+    # Validation shard 0 holds samples 0..2, oversized; shard 1 samples 3..5. Two workers, one shard each.
+    folder = write_folder(tmp_path, train_lengths=(4, 4), val_lengths=(3, 3), jpeg=lambda i: oversized_jpeg(i) if i < 3 else jpeg_of(i))
+    split = open_shards(str(folder)).split("validation")
+    stream = ShardStream(split, 3, train=False, decode="gpu")
+    raw = [pack_batch(b) for b in stream.raw_batches(0, 2)] + [pack_batch(b) for b in stream.raw_batches(1, 2)]
+    got = [(data.clone(), lengths, labels, urls) for data, lengths, labels, urls in make_loader(stream, 2, CPU)]
+    assert len(got) == len(raw) == 2
+    for (a, la, ca, ua), (b, lb, cb, ub) in zip(raw, got):
+        assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ca, cb) and ua == ub
+    assert got[0][1].sum() > 3 * 256 * 256 * 3  # the first batch did not fit its slot
+    decoded = list(DeviceLoader(make_loader(stream, 2, CPU), CPU, decode="gpu"))
+    for images, labels in decoded:
+        check_pixels(images, labels)
+    assert sorted(sum((labels.tolist() for _, labels in decoded), [])) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_killed_worker_is_an_error_naming_it(folder):
+    batches = iter(make_loader(train_stream(folder, steps=40), 2, CPU, depth=1))
+    next(batches)
+    victim = loader_children()[1]
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(LoaderWorkerError, match=rf"^loader worker 1 \(pid {victim}\) died \(exit code -9\)$"):
+        for _ in batches:
+            pass
+    assert loader_children() == []
+
+
+def test_a_failing_worker_reports_its_traceback(folder, monkeypatch):
+    def broken(batch, out=None):
+        raise ValueError("no decoder today")
+
+    monkeypatch.setattr(loader_module, "decode_batch", broken)  # the forked workers inherit it
+    with pytest.raises(LoaderWorkerError, match=r"(?s)^loader worker 0 failed:\nTraceback.*ValueError: no decoder today\n$"):
+        list(make_loader(train_stream(folder), 2, CPU))
+    assert loader_children() == []
+
+
+def test_stopping_early_stops_the_workers(folder):
+    batches = iter(make_loader(train_stream(folder, steps=40), 2, CPU))
+    next(batches)
+    assert len(loader_children()) == 2
+    batches.close()
+    assert loader_children() == []
+
+
+def test_workers_end_when_the_main_process_is_killed(folder):
+    script = textwrap.dedent(f"""
+        import os, sys, time, torch
+        from train.loader import make_loader
+        from train.stream import ShardStream, open_shards
+        split = open_shards({str(folder)!r}).split("train")
+        batches = iter(make_loader(ShardStream(split, 3, train=True, steps=40), 2, torch.device("cpu"), depth=1))
+        next(batches)
+        children = [c for t in os.listdir("/proc/self/task") for c in open(f"/proc/self/task/{{t}}/children").read().split()]
+        print(" ".join(children), flush=True)
+        time.sleep(60)
+    """)
+    main = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in main.stdout.readline().split()]
+        assert len(workers) == 2
+        main.kill()
+        main.wait()
+        deadline = time.monotonic() + 10
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in workers)
+    finally:
+        main.kill()
+        main.stdout.close()
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_make_loader_locks_pages_only_for_cpu_decode_on_cuda(folder):
+    cuda = torch.device("cuda")
+    assert make_loader(train_stream(folder), 2, cuda).pin
+    assert not make_loader(train_stream(folder, decode="gpu"), 2, cuda).pin
+    assert not make_loader(train_stream(folder), 2, CPU).pin
+    with pytest.raises(ValueError, match="at least one slot"):
+        WorkerLoader(train_stream(folder), 2, depth=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_come_from_page_locked_slots_and_equal_the_cpu_ones(folder):
+    cuda = torch.device("cuda")
+    for images, _ in make_loader(train_stream(folder), 2, cuda):
+        assert images.is_pinned()
+        break
+    got = list(DeviceLoader(make_loader(train_stream(folder), 2, cuda), cuda))
+    expected = in_turn(train_stream(folder), 2)
+    assert len(got) == len(expected) == 9
+    for (a, la), (b, lb) in zip(expected, got):
+        assert b.is_cuda and b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, b.cpu()) and torch.equal(la, lb.cpu())
