@@ -4,9 +4,11 @@ eager or compiled, and CPU or GPU JPEG decode.
 First it writes photo-like JPEGs (ImageNet-sized, about 500x375) and builds them into 256 px shards with
 alexprep, using benchmarks/cpu_loader.py's helpers (about half a minute on 16 cores). Then:
   - loader-only: alextrain's input (ShardStream -> make_loader -> DeviceLoader) from the shards to uint8
-    (B, 3, 256, 256) batches on the device: CPU workers decode and the batches go through pinned memory
-    with non_blocking copies (decode="cpu"), or the workers pass JPEG bytes and the device decodes them in
-    batches (decode="gpu");
+    (B, 3, 256, 256) batches on the device: CPU workers decode into page-locked shared slots that are
+    copied to the device on a side stream (decode="cpu"), or the workers pass JPEG bytes and the device
+    decodes them in batches (decode="gpu"), or both (decode="both": the device decodes the batches the
+    workers start while the loop waits for data); and, for comparison, the same stream through torch's
+    DataLoader with pin_memory (transport "dataloader", decode="cpu");
   - model-only: alextrain's training step (crop, flip, PCA lighting and normalisation on the device,
     forward and backward under bf16 autocast in channels_last, SGD with momentum and weight decay) on
     random uint8 batches already on the device;
@@ -50,7 +52,6 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_EPOCHS = 90
 NUM_CLASSES = 1000  # the ImageNet model's classifier, whatever the test shards' labels are
 LIGHTING_STD = 0.1  # alextrain's default PCA lighting
-SHM_BYTES_PER_BATCH_IMAGE = 3 * 256 * 256  # a uint8 (3, 256, 256) image in a worker's shared-memory batch
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class Plan:
     archs: tuple[str, ...]
     batches: tuple[int, ...]
     modes: tuple[str, ...]  # "eager", "compile"
-    decodes: tuple[str, ...]  # "cpu", "gpu"
-    workers: int  # DataLoader workers
+    decodes: tuple[str, ...]  # "cpu", "gpu", "both"
+    workers: int  # loader workers
     images: int  # photos built into shards
     shard_size: int
     photo_sizes: tuple[tuple[int, int], ...]
@@ -144,12 +145,39 @@ def model_only(step: TrainStep, batch: int, warmup: int, timed: int, device: tor
     return out
 
 
+class TorchDataLoaderInput:
+    """A stream through torch's DataLoader (pinned memory, non_blocking copies): the transport alextrain
+    used before train/loader.py, measured beside it. Yields (images, labels) on `device`; `wait` as in
+    DeviceLoader."""
+
+    def __init__(self, stream: ShardStream, workers: int, device: torch.device):
+        from torch.utils.data import DataLoader
+
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4)
+        self.device, self.wait, self.decoded_here = device, 0.0, 0
+
+    def reset_wait(self) -> float:
+        wait, self.wait = self.wait, 0.0
+        return wait
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        for images, labels in self.loader:
+            self.wait += time.perf_counter() - t0
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            t0 = time.perf_counter()
+
+
 def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, decode: str, device: torch.device,
-               step: TrainStep | None, epoch: int) -> dict:
+               step: TrainStep | None, epoch: int, transport: str = "slots") -> dict:
     """Images/s of alextrain's loader alone (step None) or feeding `step`; `warmup` batches first.
-    data_wait: the share of the timed seconds the loop spent blocked on the loader."""
+    data_wait: the share of the timed seconds the loop spent blocked on the loader. transport
+    "dataloader" (decode "cpu" only): torch's DataLoader instead of alextrain's worker slots."""
     stream = ShardStream(split, batch, train=True, seed=0, epoch=epoch, steps=warmup + timed, decode=decode)
-    loader = DeviceLoader(make_loader(stream, workers, device), device, decode)
+    if transport == "dataloader":
+        loader = TorchDataLoaderInput(stream, workers, device)
+    else:
+        loader = DeviceLoader(make_loader(stream, workers, device), device)
     batches = iter(loader)
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -158,6 +186,7 @@ def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, 
             step(images, labels, i)
     sync(device)
     loader.reset_wait()
+    decoded_before = loader.decoded_here
     t1 = time.perf_counter()
     for i in range(warmup, warmup + timed):
         images, labels = next(batches)  # (B, 3, 256, 256) uint8, (B,) int64 on the device
@@ -165,10 +194,11 @@ def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, 
             step(images, labels, i)
     sync(device)
     seconds, wait = time.perf_counter() - t1, loader.reset_wait()
+    on_device = (loader.decoded_here - decoded_before) / timed
     for _ in batches:  # the stream has no batches left: this ends the iteration and shuts the workers down
         pass
     return {"images": timed * batch, "seconds": seconds, "images_per_s": timed * batch / seconds,
-            "data_wait": wait / seconds, "warmup_s": t1 - t0}
+            "data_wait": wait / seconds, "decoded_on_device": on_device, "warmup_s": t1 - t0}
 
 
 class Bench:
@@ -230,7 +260,6 @@ def run(plan: Plan, folder: Path | None, json_path: str | None) -> dict:
                                 mean_sample_kb=sum(f.stat().st_size for f in folder.glob("train-*.tar")) / split.num_samples / 1e3)
         report["machine"] = machine(device)
         print(f"shards: {report['shards']}\nmachine: {report['machine']}", flush=True)
-        check_shm(plan)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as alextrain does
         bench = Bench(plan, report, json_path)
@@ -240,10 +269,11 @@ def run(plan: Plan, folder: Path | None, json_path: str | None) -> dict:
 
         for batch in plan.batches:
             for decode in plan.decodes:
-                epoch += 1
-                timed = plan.timed_steps(plan.loader_images, batch)
-                bench.measure("loader_only", {"batch": batch, "decode": decode, "workers": plan.workers}, stream_run,
-                              split, batch, plan.loader_warmup, timed, plan.workers, decode, device, None, epoch)
+                for transport in ("slots", "dataloader") if decode == "cpu" else ("slots",):
+                    epoch += 1
+                    timed = plan.timed_steps(plan.loader_images, batch)
+                    bench.measure("loader_only", {"batch": batch, "decode": decode, "workers": plan.workers, "transport": transport},
+                                  stream_run, split, batch, plan.loader_warmup, timed, plan.workers, decode, device, None, epoch, transport)
 
         for arch in plan.archs:
             for mode in plan.modes:
@@ -280,24 +310,8 @@ def machine(device: torch.device) -> dict:
     import PIL
     import torchvision
 
-    out = {"cores": len(os.sched_getaffinity(0)), "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
-    if shm is not None:
-        out["shm_free_gib"] = shm.f_bavail * shm.f_frsize / 2**30
-    return out
-
-
-def check_shm(plan: Plan) -> None:
-    """Warn when /dev/shm may be too small for the workers' batches in flight (they pass through it;
-    running out kills a worker with a bus error)."""
-    if not os.path.isdir("/dev/shm"):
-        return
-    st = os.statvfs("/dev/shm")
-    need = plan.workers * 4 * max(plan.batches) * SHM_BYTES_PER_BATCH_IMAGE  # make_loader's prefetch_factor is 4
-    if st.f_bavail * st.f_frsize < 1.5 * need:
-        print(f"WARNING: /dev/shm has {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free; {plan.workers} workers with batches of "
-              f"{max(plan.batches)} may hold {need / 2**30:.1f} GiB there (as root: mount -o remount,size=32G /dev/shm)", flush=True)
+    return {"cores": len(os.sched_getaffinity(0)), "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def fmt(value, spec: str) -> str:
@@ -305,26 +319,29 @@ def fmt(value, spec: str) -> str:
 
 
 def table(report: dict) -> str:
-    """One row per (arch, batch, mode, decode): model-only, loader-only, end-to-end images/s and their ratio."""
-    loader = {(r["batch"], r["decode"]): r.get("images_per_s") for r in report["loader_only"]}
+    """One row per (arch, batch, mode, decode): model-only, loader-only, end-to-end images/s and their
+    ratio; then the loader-only rows, alextrain's worker slots beside torch's DataLoader."""
+    loader = {(r["batch"], r["decode"]): r.get("images_per_s") for r in report["loader_only"] if r["transport"] == "slots"}
     alone = {(r["arch"], r["batch"], r["mode"]): r.get("images_per_s") for r in report["model_only"]}
-    lines = ["| arch | batch | mode | decode | model-only img/s | loader-only img/s | end-to-end img/s | e2e / model | data wait | 90 epochs, h |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| arch | batch | mode | decode | model-only img/s | loader-only img/s | end-to-end img/s | e2e / model | data wait "
+             "| decoded on the device | 90 epochs, h |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["end_to_end"]:
         lines.append(
             f"| {r['arch']} | {r['batch']} | {r['mode']} | {r['decode']} | {fmt(alone.get((r['arch'], r['batch'], r['mode'])), ',.0f')} | "
             f"{fmt(loader.get((r['batch'], r['decode'])), ',.0f')} | {fmt(r.get('images_per_s'), ',.0f')} | "
-            f"{fmt(r.get('x_model_only'), '.2f')} | {fmt(r.get('data_wait'), '.0%')} | {fmt(r.get('hours_90_epochs'), '.1f')} |"
+            f"{fmt(r.get('x_model_only'), '.2f')} | {fmt(r.get('data_wait'), '.0%')} | {fmt(r.get('decoded_on_device'), '.0%')} | "
+            f"{fmt(r.get('hours_90_epochs'), '.1f')} |"
             + (f" error: {r['error']}" if "error" in r else ""))
     for r in report["model_only"]:
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['batch']} | {r['mode']} | - | error: {r['error']} | | | | | |")
-    for r in report["loader_only"]:
-        if "error" in r:
-            lines.append(f"| (loader) | {r['batch']} | - | {r['decode']} | | error: {r['error']} | | | | |")
+            lines.append(f"| {r['arch']} | {r['batch']} | {r['mode']} | - | error: {r['error']} | | | | | | |")
     for s in report["skipped"]:
         lines.append(f"| {s.get('arch', '(loader)')} | {s['batch']} | {s.get('mode', '-')} | {s.get('decode', '-')} | "
-                     f"skipped ({s['kind']}, time limit) | | | | | |")
+                     f"skipped ({s['kind']}, time limit) | | | | | | |")
+    lines += ["", "| loader-only: batch | decode | transport | workers | img/s | decoded on the device |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["loader_only"]:
+        lines.append(f"| {r['batch']} | {r['decode']} | {r['transport']} | {r['workers']} | "
+                     + (f"error: {r['error']} | |" if "error" in r else f"{r['images_per_s']:,.0f} | {r['decoded_on_device']:.0%} |"))
     return "\n".join(lines)
 
 
@@ -335,8 +352,8 @@ def main() -> int:
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=["alexnet", "alexnet-tv"])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
-    parser.add_argument("--decodes", nargs="+", choices=("cpu", "gpu"), default=["cpu", "gpu"])
-    parser.add_argument("--workers", type=int, help="DataLoader workers (default: cores - 1)")
+    parser.add_argument("--decodes", nargs="+", choices=("cpu", "gpu", "both"), default=["cpu", "gpu", "both"])
+    parser.add_argument("--workers", type=int, help="loader workers (default: cores - 1)")
     parser.add_argument("--images", type=int, default=16000, help="photos built into shards (default 16000)")
     parser.add_argument("--shards", type=Path, help="measure on this shard folder instead of building one")
     parser.add_argument("--time-limit", type=float, default=200, help="seconds after the shards are ready; later measurements are skipped (default 200)")

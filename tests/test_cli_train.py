@@ -87,6 +87,7 @@ def test_bad_values_and_run_folder_clashes(demo_shards, tmp_path):
     if not torch.cuda.is_available():
         assert error_line(invoke("--shards", str(demo_shards), "--device", "cuda")) == "--device cuda: no CUDA device available"
         assert error_line(invoke("--shards", str(demo_shards), "--decode", "gpu", "--device", "cpu")) == "--decode gpu needs a CUDA device"
+        assert error_line(invoke("--shards", str(demo_shards), "--decode", "both", "--device", "cpu")) == "--decode both needs a CUDA device"
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("")

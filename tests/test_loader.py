@@ -89,10 +89,26 @@ def test_jpeg_bytes_for_the_device_go_through_slots_or_spill_when_larger(tmp_pat
     for (a, la, ca, ua), (b, lb, cb, ub) in zip(raw, got):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ca, cb) and ua == ub
     assert got[0][1].sum() > 3 * 256 * 256 * 3  # the first batch did not fit its slot
-    decoded = list(DeviceLoader(make_loader(stream, 2, CPU), CPU, decode="gpu"))
+    decoded = list(DeviceLoader(make_loader(stream, 2, CPU), CPU))
     for images, labels in decoded:
         check_pixels(images, labels)
     assert sorted(sum((labels.tolist() for _, labels in decoded), [])) == [0, 1, 2, 3, 4, 5]
+
+
+def test_both_leaves_to_the_device_only_the_batches_started_while_training_waits(folder):
+    # Training steps of 0.2 s: once started, the workers are ahead, so no batch they start finds the
+    # main process waiting, and they decode every one. Worker 0's first batch starts while the main
+    # process waits for it: its JPEG bytes go to the device.
+    loader = DeviceLoader(make_loader(train_stream(folder, steps=10, decode="both"), 2, CPU, depth=2), CPU)
+    got, on_device = [], []
+    for images, labels in loader:
+        on_device.append(loader.decoded_here - sum(on_device))
+        got.append((images, labels))
+        time.sleep(0.2)
+    assert on_device[0] == 1 and on_device[-4:] == [0, 0, 0, 0]
+    expected = in_turn(train_stream(folder, steps=10), 2)
+    assert len(got) == len(expected) == 10
+    assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(expected, got))
 
 
 def test_a_killed_worker_is_an_error_naming_it(folder):
@@ -160,9 +176,9 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_make_loader_locks_pages_only_for_cpu_decode_on_cuda(folder):
+def test_make_loader_locks_pages_only_when_workers_decode_for_cuda(folder):
     cuda = torch.device("cuda")
-    assert make_loader(train_stream(folder), 2, cuda).pin
+    assert make_loader(train_stream(folder), 2, cuda).pin and make_loader(train_stream(folder, decode="both"), 2, cuda).pin
     assert not make_loader(train_stream(folder, decode="gpu"), 2, cuda).pin
     assert not make_loader(train_stream(folder), 2, CPU).pin
     with pytest.raises(ValueError, match="at least one slot"):

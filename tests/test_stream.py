@@ -28,7 +28,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def collect(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(DeviceLoader(make_loader(stream, workers, CPU), CPU, stream.decode))
+    return list(DeviceLoader(make_loader(stream, workers, CPU), CPU))
 
 
 def test_read_shard_yields_raw_samples_in_file_order(folder):

@@ -16,7 +16,7 @@ from train.model import ARCHS
 
 SCHEDULES = ("plateau", "step", "cosine")
 LR_SCALINGS = ("none", "linear")
-DECODERS = ("cpu", "gpu")
+DECODERS = ("cpu", "gpu", "both")
 DEVICES = ("auto", "cpu", "cuda")
 PAPER_BATCH = 128  # the batch size the base learning rate belongs to (linear scaling rule)
 
@@ -46,7 +46,7 @@ class TrainConfig:
     patience: int = _opt(5, "plateau schedule: epochs without a better validation top-1 before dividing lr by 10")
     step_epochs: int = _opt(30, "step schedule: divide lr by 10 every this many epochs")
     warmup_epochs: float = _opt(0.0, "linear warm-up from 0 to lr over this many epochs (any schedule)")
-    workers: int | None = _opt(None, "DataLoader worker processes per rank that read and decode shards (0 = in the main process)  "
+    workers: int | None = _opt(None, "loader worker processes per rank that read and decode shards (0 = in the main process)  "
                                      "[default: this machine's cores shared among its ranks, less one each for training]")
     device: str = _opt("auto", "'auto' = cuda if available, else cpu", choices=DEVICES)
     out: str = _opt("runs/train", "run folder for config.json, metrics.jsonl, last.pt, best.pt")
@@ -56,7 +56,8 @@ class TrainConfig:
     crop_size: int = _opt(224, "side of the random training crop and of the evaluation crops, in pixels (at most 256)")
     lighting_std: float = _opt(0.1, "standard deviation of the PCA lighting coefficients (0 = off)")
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer (raw JPEG bytes, about 25 KB each)")
-    decode: str = _opt("cpu", "where JPEGs are decoded: in the CPU workers, or batched on the GPU (torchvision.io.decode_jpeg)", choices=DECODERS)
+    decode: str = _opt("cpu", "where JPEGs are decoded: in the CPU workers, batched on the GPU (torchvision.io.decode_jpeg), or both: "
+                              "the GPU takes the batches the workers start while training waits for data", choices=DECODERS)
     log_every: int = _opt(50, "steps between train_step records in metrics.jsonl")
     save_every: int = _opt(1000, "steps between mid-epoch saves of last.pt (0 = only at the end of each epoch)")
     steps_per_epoch: int | None = _opt(None, "steps per epoch (default: training samples // global batch, from _info.json)")

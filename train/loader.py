@@ -10,7 +10,10 @@ workers are forked, each slot big enough for one batch:
 
 A worker decodes a batch straight into a free slot and sends the slot's number and the labels through
 its pipe; the main process yields a view of the slot and hands the slot back when the next batch is
-asked for. No page is allocated, copied or mapped per batch, and nothing lives in /dev/shm (the
+asked for. With decode="gpu" a worker puts the batch's JPEG bytes in the slot instead, for decoding on
+the device; with decode="both" it does that only for the batches it starts while the main process is
+waiting for data (a byte in another shared page says so), and decodes the others itself: the CPU
+workers decode all they can, and the device decodes what they cannot keep up with. No page is allocated, copied or mapped per batch, and nothing lives in /dev/shm (the
 mapping is anonymous, so a killed run leaves nothing behind). On CUDA the mapping is page-locked once
 (cudaHostRegister), so the copy to the GPU is a DMA straight out of the slot, on a side stream that
 overlaps the previous step's compute.
@@ -46,15 +49,16 @@ class LoaderWorkerError(RuntimeError):
 
 def make_loader(stream: ShardStream, workers: int, device: torch.device, depth: int = DEPTH) -> WorkerLoader:
     """The stream's batches on the host, decoded by `workers` processes (0: in this one); the slots
-    are page-locked when `device` is CUDA and the workers decode there (decode="cpu")."""
-    return WorkerLoader(stream, workers, pin=device.type == "cuda" and stream.decode == "cpu", depth=depth)
+    are page-locked when `device` is CUDA and the workers decode there (decode "cpu" or "both")."""
+    return WorkerLoader(stream, workers, pin=device.type == "cuda" and stream.decode != "gpu", depth=depth)
 
 
 class WorkerLoader:
-    """Iterates a ShardStream's batches, as `ShardStream.__iter__` gives them: (uint8 (B, 3, 256, 256)
-    channels_last, int64 (B,)) with decode="cpu", (JPEG bytes end to end, byte lengths, labels, shard
-    urls) with decode="gpu". With workers, a batch is a view of a slot that is reused once the next
-    batch is asked for (`reuses_buffers`): copy out what must outlive that."""
+    """Iterates a ShardStream's batches: (uint8 (B, 3, 256, 256) channels_last, int64 (B,)) decoded
+    on the CPU, or (JPEG bytes end to end, byte lengths, labels, shard urls) for the device to decode:
+    the first kind with decode="cpu", the second with "gpu", either with "both" (in this process:
+    the first). With workers, a batch is a view of a slot that is reused once the next batch is asked
+    for (`reuses_buffers`): copy out what must outlive that."""
 
     def __init__(self, stream: ShardStream, workers: int, *, pin: bool = False, depth: int = DEPTH):
         if depth < 1:
@@ -72,17 +76,20 @@ class WorkerLoader:
         context = multiprocessing.get_context("fork")  # workers inherit the stream and the mapping
         buffers = [mmap.mmap(-1, self.depth * self.slot_bytes) for _ in range(self.workers)]  # MAP_SHARED
         slots = [torch.frombuffer(b, dtype=torch.uint8).view(self.depth, self.slot_bytes) for b in buffers]
+        waiting = mmap.mmap(-1, 1)  # waiting[0] == 1 while the main process waits for a batch
+        waiting[0] = 1  # it does until the first batch comes
         pipes = [context.Pipe() for _ in range(self.workers)]  # (main's end, worker's end)
         processes, pinned = [], []
         try:
             for w in range(self.workers):
-                process = context.Process(target=_worker_main, args=(self, w, slots[w], pipes), daemon=True, name=f"alextrain-loader-{w}")
+                process = context.Process(target=_worker_main, args=(self, w, slots[w], waiting, pipes), daemon=True,
+                                          name=f"alextrain-loader-{w}")
                 process.start()
                 processes.append(process)
                 pipes[w][1].close()  # the worker's end lives in the worker only, so its death shows as EOF here
             if self.pin:
                 pinned = _page_lock(slots)  # while the workers start
-            yield from self._batches(processes, [main_end for main_end, _ in pipes], slots)
+            yield from self._batches(processes, [main_end for main_end, _ in pipes], slots, waiting)
         finally:
             for main_end, _ in pipes:
                 main_end.close()  # a worker waiting for a slot sees EOF and ends
@@ -95,7 +102,7 @@ class WorkerLoader:
                 for ptr in pinned:
                     torch.cuda.cudart().cudaHostUnregister(ptr)
 
-    def _batches(self, processes, conns, slots) -> Iterator[tuple]:
+    def _batches(self, processes, conns, slots, waiting) -> Iterator[tuple]:
         images = [s.view(self.depth, -1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 1, 4, 2, 3) for s in slots]  # channels_last
         active, turn, held = list(range(self.workers)), 0, None
         while active:
@@ -104,14 +111,17 @@ class WorkerLoader:
                 with contextlib.suppress(OSError):  # a worker that has finished has closed its pipe
                     conns[held[0]].send(held[1])
                 held = None
+            if not conns[w].poll(0):
+                waiting[0] = 1
             kind, *payload = _receive(conns[w], processes[w], w)
+            waiting[0] = 0
             if kind == "end":
                 active.remove(w)
                 continue
             slot, n, labels, packed = payload
             labels = torch.tensor(labels, dtype=torch.int64)
             held, turn = (w, slot), turn + 1
-            if self.stream.decode == "cpu":
+            if kind == "images":
                 yield images[w][slot][:n], labels
             else:
                 lengths, urls, spilled = packed
@@ -136,8 +146,9 @@ def _receive(conn, process, w: int) -> tuple:
     return (kind, *payload)
 
 
-def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, pipes) -> None:
-    """Worker `w`: decode its batches of the stream into its slots, telling the main process which."""
+def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mmap.mmap, pipes) -> None:
+    """Worker `w`: decode its batches of the stream into its slots (or put their JPEG bytes there),
+    telling the main process which."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the main process stops the workers
     for i, (main_end, worker_end) in enumerate(pipes):
         main_end.close()  # so that the main process's death shows as EOF here
@@ -153,11 +164,11 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, pipes) -> No
                 free.append(conn.recv())  # the main process hands a slot back
             slot = free.pop(0)
             labels = [label for *_, label in batch]
-            if stream.decode == "cpu":
+            if stream.decode == "cpu" or (stream.decode == "both" and not waiting[0]):
                 decode_batch(batch, out=images[slot])
-                conn.send(("batch", slot, len(batch), labels, None))
+                conn.send(("images", slot, len(batch), labels, None))
             else:
-                conn.send(("batch", slot, len(batch), labels, _pack(batch, slots[slot])))
+                conn.send(("jpegs", slot, len(batch), labels, _pack(batch, slots[slot])))
         conn.send(("end",))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the main process has gone or stopped early
@@ -196,17 +207,18 @@ def _page_lock(slots: list[torch.Tensor]) -> list[int]:
 
 class DeviceLoader:
     """Iterates a loader and yields (uint8 (B, 3, 256, 256), int64 (B,)) batches on `device`,
-    decoding there with decode="gpu". `wait` accumulates the seconds spent blocked on the loader
-    (the data-wait share's numerator); `reset_wait()` returns and zeroes it.
+    decoding there the batches that come as JPEG bytes. `wait` accumulates the seconds spent blocked
+    on the loader (the data-wait share's numerator); `reset_wait()` returns and zeroes it.
+    `decoded_here` counts the batches decoded on the device.
 
     On CUDA the copy runs on a side stream, so it overlaps the step the caller has just queued; the
     compute stream waits for it before the batch is used. The loader's slot is handed back only
     once the copy (or the decode) has read it."""
 
-    def __init__(self, loader: WorkerLoader, device: torch.device, decode: str = "cpu"):
-        self.loader, self.device, self.decode = loader, device, decode
-        self.wait = 0.0
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and decode == "cpu" else None
+    def __init__(self, loader: WorkerLoader, device: torch.device):
+        self.loader, self.device = loader, device
+        self.wait, self.decoded_here = 0.0, 0
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and loader.stream.decode != "gpu" else None
 
     def reset_wait(self) -> float:
         wait, self.wait = self.wait, 0.0
@@ -229,7 +241,7 @@ class DeviceLoader:
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
         """(images, labels, an event recorded once `batch` has been read, or None on the CPU)."""
-        if self.decode == "cpu":
+        if len(batch) == 2:  # decoded on the CPU
             images, labels = batch
             if self.device.type != "cuda":
                 return (images.clone() if self.loader.reuses_buffers else images), labels, None
@@ -243,6 +255,7 @@ class DeviceLoader:
             labels.record_stream(compute)
             return images, labels, read
         data, lengths, labels, urls = batch
+        self.decoded_here += 1
         try:
             # decode_jpeg takes the bytes on the CPU and decodes the whole list in one call on the device.
             images = decode_jpeg(list(torch.split(data, lengths.tolist())), mode=ImageReadMode.RGB, device=self.device)

@@ -122,8 +122,8 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.backends.cudnn.benchmark = True
-    if config.decode == "gpu" and device.type != "cuda":
-        raise ConfigError("--decode gpu needs a CUDA device")
+    if config.decode != "cpu" and device.type != "cuda":
+        raise ConfigError(f"--decode {config.decode} needs a CUDA device")
     workers = config.workers if config.workers is not None else dist.default_workers()
     config = config.replace(device=device.type, workers=workers)
 
@@ -205,7 +205,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         stream = ShardStream(train_split, config.batch_size, train=True, seed=config.seed, epoch=epoch, steps=steps_per_epoch,
                              start=start_step, rank=world.rank, world_size=world.world_size,
                              shuffle_buffer=config.shuffle_buffer, decode=config.decode)
-        loader = DeviceLoader(make_loader(stream, config.workers, device), device, config.decode)
+        loader = DeviceLoader(make_loader(stream, config.workers, device), device)
         with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not world.is_main, dynamic_ncols=True) as bar:
             interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits

@@ -337,8 +337,9 @@ class ShardStream(IterableDataset):
             yield from batches
 
     def __iter__(self):
-        """Decoded batches, in this process or (as an IterableDataset) in a torch DataLoader's workers."""
+        """Batches, in this process or (as an IterableDataset) in a torch DataLoader's workers: decoded,
+        or packed for decoding on the device with decode="gpu"."""
         info = get_worker_info()
-        to_tensors = decode_batch if self.decode == "cpu" else pack_batch
+        to_tensors = pack_batch if self.decode == "gpu" else decode_batch
         for batch in self.raw_batches(*((info.id, info.num_workers) if info is not None else (0, 1))):
             yield to_tensors(batch)
