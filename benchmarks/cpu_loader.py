@@ -7,12 +7,14 @@ and built into 256 px shards with alexprep's folder source. Then, the methods ta
     parsing alone; torchvision's `decode_jpeg` and PIL of the 256 px shard JPEGs (bytes in memory);
   - baseline: `ImageFolder` + `DataLoader` with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor
     and Normalize (the PyTorch ImageNet example's training input), workers 0, 1 and 2;
-  - ours: `ShardStream` + `make_loader` from train/stream.py (shards -> uint8 (B, 3, 256, 256) batches;
-    crop, flip, lighting and normalisation happen later on the training device), workers 0, 1 and 2.
+  - ours: `ShardStream` (train/stream.py) + `make_loader` (train/loader.py) (shards -> uint8
+    (B, 3, 256, 256) batches; crop, flip, lighting and normalisation happen later on the training
+    device), workers 0, 1 and 2; and the same stream through torch's DataLoader workers (1 and 2), to
+    measure the transport alone.
 Both loaders run `--batches` batches and are timed in their steady state, from the arrival of batch
 2 x workers + 2 to the arrival of the last one, as a long training epoch sees them (worker start-up
 is excluded). "Per core" is images per CPU second of every process involved (the main process with all
-its threads and the DataLoader workers, from getrusage and /proc/PID/stat), so it holds while other
+its threads and the loader workers, from getrusage and /proc/PID/stat), so it holds while other
 programs share the machine; wall-clock images/s are reported beside it. Torch's intra-op threads are
 set to 1, as DataLoader sets them in its workers.
 Last, the memory of our loader over 3 epochs: the main process's RSS after each epoch and the peak
@@ -101,7 +103,8 @@ def build_photo_shards(root: Path, out: Path, shard_size: int, workers: int) -> 
 class Run:
     images: int
     wall_s: float
-    cpu_s: float  # user + system seconds of this process (all threads) and of its DataLoader workers
+    cpu_s: float  # user + system seconds of this process (all threads) and of its loader workers
+    main_cpu_s: float  # the part of cpu_s spent in this process
 
     @property
     def images_per_s(self) -> float:
@@ -110,6 +113,10 @@ class Run:
     @property
     def images_per_cpu_s(self) -> float:
         return self.images / self.cpu_s
+
+    @property
+    def main_us_per_image(self) -> float:
+        return 1e6 * self.main_cpu_s / self.images
 
 
 def child_pids(pid: int) -> list[int]:
@@ -133,13 +140,21 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
 
 
-def tree_cpu_s() -> float:
-    """CPU seconds used so far by this process (all threads) and its children: those still there (live
-    or zombie) from /proc, those already waited for (a DataLoader worker shut down early) from
-    getrusage. The children are read first: one waited for in between would count twice, not never."""
+def tree_cpu_s() -> tuple[float, float]:
+    """CPU seconds used so far (by this process (all threads) and its children, by this process alone).
+    The children still there (live or zombie) from /proc, those already waited for (a worker shut down
+    early) from getrusage. The children are read first: one waited for in between would count twice,
+    not never."""
     children = sum(process_cpu_s(pid) for pid in child_pids(os.getpid()))
     me, done = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return children + me.ru_utime + me.ru_stime + done.ru_utime + done.ru_stime
+    main = me.ru_utime + me.ru_stime
+    return children + main + done.ru_utime + done.ru_stime, main
+
+
+def since(images: int, wall: float, cpu: tuple[float, float]) -> Run:
+    """The run of `images` images since perf_counter() was `wall` and tree_cpu_s() was `cpu`."""
+    now = tree_cpu_s()
+    return Run(images, time.perf_counter() - wall, now[0] - cpu[0], now[1] - cpu[1])
 
 
 def timed(fn, *args) -> Run:
@@ -147,7 +162,7 @@ def timed(fn, *args) -> Run:
     gc.collect()
     cpu, wall = tree_cpu_s(), time.perf_counter()
     n = fn(*args)
-    return Run(n, time.perf_counter() - wall, tree_cpu_s() - cpu)
+    return since(n, wall, cpu)
 
 
 def steady(loader, batches: int, warmup: int) -> Run:
@@ -164,7 +179,7 @@ def steady(loader, batches: int, warmup: int) -> Run:
         elif i > warmup:
             images += len(labels)
         if i == batches - 1:
-            run = Run(images, time.perf_counter() - wall, tree_cpu_s() - cpu)
+            run = since(images, wall, cpu)
     return run
 
 
@@ -225,6 +240,16 @@ def ours_run(split: Split, batch: int, batches: int, workers: int, seed: int) ->
     """`batches` batches of alextrain's training stream on the CPU (cycling through the shards)."""
     stream = ShardStream(split, batch, train=True, seed=seed, epoch=0, steps=batches)
     return steady(make_loader(stream, workers, CPU), batches, warmup_batches(workers))  # (B, 3, 256, 256) uint8, (B,)
+
+
+def dataloader_run(split: Split, batch: int, batches: int, workers: int, seed: int) -> Run:
+    """The same stream through torch's DataLoader workers instead of alextrain's slot ring (the
+    transport alextrain used before): each batch travels through a fresh shared-memory segment."""
+    from torch.utils.data import DataLoader
+
+    stream = ShardStream(split, batch, train=True, seed=seed, epoch=0, steps=batches)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4)
+    return steady(loader, batches, warmup_batches(workers))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,6 +342,8 @@ def run(images: int, classes: int, batch: int, batches: int, workers: list[int],
         for w in workers:
             methods[f"imagefolder_w{w}"] = partial(imagefolder_run, root, batch, batches, w, seed)
         for w in workers:
+            if w > 0:
+                methods[f"dataloader_w{w}"] = partial(dataloader_run, split, batch, batches, w, seed)
             methods[f"ours_w{w}"] = partial(ours_run, split, batch, batches, w, seed)
         best: dict[str, Run] = {}
         for r in range(repeat):
@@ -331,12 +358,17 @@ def run(images: int, classes: int, batch: int, batches: int, workers: list[int],
         memory = loader_memory(split, epochs=memory_epochs, batch=batch, workers=max(workers))
         memory_s = time.perf_counter() - t
 
-    results = {name: {**asdict(r), "images_per_s": r.images_per_s, "images_per_cpu_s": r.images_per_cpu_s}
+    results = {name: {**asdict(r), "images_per_s": r.images_per_s, "images_per_cpu_s": r.images_per_cpu_s,
+                      "main_us_per_image": r.main_us_per_image}
                for name, r in best.items()}
     for w in workers:
         ours, base = results[f"ours_w{w}"], results[f"imagefolder_w{w}"]
         ours["x_imagefolder_per_core"] = ours["images_per_cpu_s"] / base["images_per_cpu_s"]
         ours["x_imagefolder_wall"] = ours["images_per_s"] / base["images_per_s"]
+        if f"dataloader_w{w}" in results:
+            dataloader = results[f"dataloader_w{w}"]
+            dataloader["x_imagefolder_per_core"] = dataloader["images_per_cpu_s"] / base["images_per_cpu_s"]
+            ours["x_dataloader_per_core"] = ours["images_per_cpu_s"] / dataloader["images_per_cpu_s"]
     growth = memory_growth(memory) if len(memory) > 1 else None
     return {"data": data, "batch": batch, "batches": batches, "repeat": repeat, "results": results,
             "memory": {"epochs": memory, "growth": growth, "workers": max(workers), "seconds": memory_s}}
@@ -351,33 +383,38 @@ LABELS = {
 
 
 def ordered(names) -> list[str]:
-    """Result names in table order: decode alone, then ImageFolder, then ours, by workers."""
+    """Result names in table order: decode alone, then ImageFolder, then our stream through DataLoader,
+    then ours, by workers."""
     rank = {name: i for i, name in enumerate(LABELS)}
-    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n.startswith("ours"), len(n), n))
+    kinds = ("imagefolder", "dataloader", "ours")
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), kinds.index(n.rsplit("_w", 1)[0]) if n not in rank else 0, len(n), n))
 
 
 def label(name: str) -> str:
     if name.startswith("imagefolder_w"):
         return f"ImageFolder + DataLoader, RandomResizedCrop/flip/ToTensor/Normalize, {name[13:]} workers"
+    if name.startswith("dataloader_w"):
+        return f"ShardStream through torch's DataLoader (a shared-memory segment per batch), {name[12:]} workers"
     if name.startswith("ours_w"):
-        return f"ours: ShardStream + make_loader -> uint8 (B,3,256,256), {name[6:]} workers"
+        return f"ours: ShardStream + make_loader (reused shared slots) -> uint8 (B,3,256,256), {name[6:]} workers"
     return LABELS[name]
 
 
 def table(report: dict) -> str:
-    lines = ["| what | images/s wall | images per CPU-s (per core) | x ImageFolder per core |", "| --- | --- | --- | --- |"]
+    lines = ["| what | images/s wall | images per CPU-s (per core) | main process CPU-us per image | x ImageFolder per core "
+             "| x DataLoader transport per core |", "| --- | --- | --- | --- | --- | --- |"]
     for name in ordered(report["results"]):
         r = report["results"][name]
-        x = f"{r['x_imagefolder_per_core']:.2f}" if "x_imagefolder_per_core" in r else ""
-        lines.append(f"| {label(name)} | {r['images_per_s']:,.0f} | {r['images_per_cpu_s']:,.0f} | {x} |")
+        x, y = (f"{r[key]:.2f}" if key in r else "" for key in ("x_imagefolder_per_core", "x_dataloader_per_core"))
+        lines.append(f"| {label(name)} | {r['images_per_s']:,.0f} | {r['images_per_cpu_s']:,.0f} | {r['main_us_per_image']:,.0f} | {x} | {y} |")
     memory = report["memory"]
     for e in memory["epochs"]:
         lines.append(f"| epoch {e['epoch']} of ours, {memory['workers']} workers: main RSS after / peak anonymous PSS of "
-                     f"main + workers | {e['main_rss_kib'] / 1024:.0f} MiB / {e['peak_anon_pss_kib'] / 1024:.0f} MiB | | |")
+                     f"main + workers | {e['main_rss_kib'] / 1024:.0f} MiB / {e['peak_anon_pss_kib'] / 1024:.0f} MiB | | | | |")
     if memory["growth"]:
         g = memory["growth"]
         lines.append(f"| growth after epoch 1: main RSS / peak anonymous PSS of main + workers | "
-                     f"{g['main_rss_kib']:+.1%} / {g['peak_anon_pss_kib']:+.1%} | | |")
+                     f"{g['main_rss_kib']:+.1%} / {g['peak_anon_pss_kib']:+.1%} | | | | |")
     return "\n".join(lines)
 
 
@@ -387,7 +424,7 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=10, help="class folders (default 10)")
     parser.add_argument("--batch", type=int, default=128, help="batch size of both loaders (default 128)")
     parser.add_argument("--batches", type=int, default=32, help="batches per loader run, the first 2 x workers + 2 untimed (default 32)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to try (default 0 1 2)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers to try (default 0 1 2)")
     parser.add_argument("--repeat", type=int, default=2, help="passes per method; the least CPU time counts (default 2)")
     parser.add_argument("--memory-epochs", type=int, default=3, help="epochs of the memory measurement (default 3)")
     parser.add_argument("--seed", type=int, default=0)

@@ -92,7 +92,7 @@ def loader_rows(r: dict) -> list[tuple]:
         v, ratio, against = r["results"][name], "", ""
         if "x_imagefolder_per_core" in v:
             ratio = f"{v['x_imagefolder_per_core']:.2f}x"
-            against = f"ImageFolder, same workers ({base[name[len('ours_w'):]]:,.0f} img/CPU-s)"
+            against = f"ImageFolder, same workers ({base[name.rsplit('_w', 1)[1]]:,.0f} img/CPU-s)"
         rows.append(("loader", label(name), _num(v["images_per_cpu_s"], "img/CPU-s"), ratio, against))
     growth = r["memory"]["growth"]
     if growth:
@@ -102,17 +102,21 @@ def loader_rows(r: dict) -> list[tuple]:
     return rows
 
 
+def _on_device(row: dict) -> str:
+    return f", {row['decoded_on_device']:.0%} decoded on the device" if row["decode"] == "both" else ""
+
+
 def gpu_rows(r: dict) -> list[tuple]:
     rows = []
     alone = {(m["arch"], m["batch"], m["mode"]): m for m in r["model_only"]}
     for m in r["loader_only"]:
-        value = _num(m["images_per_s"], "img/s") if "images_per_s" in m else m.get("error", "")
-        rows.append(("gpu", f"loader-only, batch {m['batch']}, {m['decode']} decode, {m['workers']} workers", value, "", ""))
+        value = _num(m["images_per_s"], "img/s") + _on_device(m) if "images_per_s" in m else m.get("error", "")
+        rows.append(("gpu", f"loader-only, batch {m['batch']}, {m['decode']} decode, {m['workers']} workers, {m['transport']}", value, "", ""))
     for e in r["end_to_end"]:
         m = alone.get((e["arch"], e["batch"], e["mode"]), {})
         what = f"{e['arch']}, batch {e['batch']}, {e['mode']}, {e['decode']} decode: end-to-end"
         if "images_per_s" in e:
-            value = _num(e["images_per_s"], "img/s") + f", data wait {e['data_wait']:.0%}"
+            value = _num(e["images_per_s"], "img/s") + f", data wait {e['data_wait']:.0%}" + _on_device(e)
             rows.append(("gpu", what, value, f"{e['x_model_only']:.2f}x", f"model-only {m['images_per_s']:,.0f} img/s"))
         else:
             rows.append(("gpu", what, e.get("error", ""), "", ""))
