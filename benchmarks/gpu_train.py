@@ -8,7 +8,9 @@ alexprep, using benchmarks/cpu_loader.py's helpers (about half a minute on 16 co
     copied to the device on a side stream (decode="cpu"), or the workers pass JPEG bytes and the device
     decodes them in batches (decode="gpu"), or both (decode="both": the device decodes the batches the
     workers start while the loop waits for data); and, for comparison, the same stream through torch's
-    DataLoader with pin_memory (transport "dataloader", decode="cpu");
+    DataLoader with pin_memory (transport "dataloader", decode="cpu"). "gpu-nvimgcodec" and
+    "both-nvimgcodec" decode on the device with nvImageCodec (the GPU's hardware JPEG decoders) instead
+    of torchvision's nvJPEG; they are left out when nvImageCodec is not installed;
   - model-only: alextrain's training step (crop, flip, PCA lighting and normalisation on the device,
     forward and backward under bf16 autocast in channels_last, SGD with momentum and weight decay) on
     random uint8 batches already on the device;
@@ -42,16 +44,18 @@ import torch
 from benchmarks.cpu_loader import PHOTO_SIZES, QUICK_SIZES, build_photo_shards, write_photo_tree
 from prep.contract import write_json
 from train.augment import PixelStats
+from train.device_decode import DecoderUnavailable, import_nvimgcodec
 from train.evaluate import topk_correct
+from train.loader import DeviceLoader, make_loader
 from train.loop import train_step
 from train.model import ARCHS, build_model
-from train.loader import DeviceLoader, make_loader
 from train.stream import ShardStream, Split, open_shards, seed_for
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_EPOCHS = 90
 NUM_CLASSES = 1000  # the ImageNet model's classifier, whatever the test shards' labels are
 LIGHTING_STD = 0.1  # alextrain's default PCA lighting
+DECODES = ("cpu", "gpu", "both", "gpu-nvimgcodec", "both-nvimgcodec")  # where JPEGs are decoded (and with what, on the GPU)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Plan:
     archs: tuple[str, ...]
     batches: tuple[int, ...]
     modes: tuple[str, ...]  # "eager", "compile"
-    decodes: tuple[str, ...]  # "cpu", "gpu", "both"
+    decodes: tuple[str, ...]  # DECODES
     workers: int  # loader workers
     images: int  # photos built into shards
     shard_size: int
@@ -80,13 +84,20 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     cores = len(os.sched_getaffinity(0))
+    decodes = list(args.decodes)
+    try:
+        import_nvimgcodec()
+    except DecoderUnavailable as e:
+        if any(d.endswith("-nvimgcodec") for d in decodes):
+            print(f"gpu_train: leaving out the nvImageCodec decodes ({e})", flush=True)
+        decodes = [d for d in decodes if not d.endswith("-nvimgcodec")]
     workers = args.workers if args.workers is not None else max(1, cores - 1)  # one core for the training loop
     if args.quick:
-        return Plan(args.device, tuple(args.archs), (4,), tuple(args.modes), tuple(args.decodes), args.workers or 2,
+        return Plan(args.device, tuple(args.archs), (4,), tuple(args.modes), tuple(decodes), args.workers or 2,
                     images=48, shard_size=6, photo_sizes=QUICK_SIZES, model_warmup=1, model_images=4,
                     loader_warmup=1, loader_images=8, time_limit=args.time_limit)
     # Shards: many more than readers (each reader then owns whole shards), small enough to build fast.
-    return Plan(args.device, tuple(args.archs), tuple(args.batches), tuple(args.modes), tuple(args.decodes), workers,
+    return Plan(args.device, tuple(args.archs), tuple(args.batches), tuple(args.modes), tuple(decodes), workers,
                 images=args.images, shard_size=max(1, args.images // 80), photo_sizes=PHOTO_SIZES,
                 model_warmup=10, model_images=16384, loader_warmup=workers + 8, loader_images=32768,
                 time_limit=args.time_limit)
@@ -173,11 +184,12 @@ def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, 
     """Images/s of alextrain's loader alone (step None) or feeding `step`; `warmup` batches first.
     data_wait: the share of the timed seconds the loop spent blocked on the loader. transport
     "dataloader" (decode "cpu" only): torch's DataLoader instead of alextrain's worker slots."""
-    stream = ShardStream(split, batch, train=True, seed=0, epoch=epoch, steps=warmup + timed, decode=decode)
+    where, _, gpu_decoder = decode.partition("-")  # "both-nvimgcodec": decode "both" with nvImageCodec
+    stream = ShardStream(split, batch, train=True, seed=0, epoch=epoch, steps=warmup + timed, decode=where)
     if transport == "dataloader":
         loader = TorchDataLoaderInput(stream, workers, device)
     else:
-        loader = DeviceLoader(make_loader(stream, workers, device), device)
+        loader = DeviceLoader(make_loader(stream, workers, device), device, gpu_decoder or "torchvision")
     batches = iter(loader)
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -352,7 +364,7 @@ def main() -> int:
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=["alexnet", "alexnet-tv"])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
-    parser.add_argument("--decodes", nargs="+", choices=("cpu", "gpu", "both"), default=["cpu", "gpu", "both"])
+    parser.add_argument("--decodes", nargs="+", choices=DECODES, default=list(DECODES))
     parser.add_argument("--workers", type=int, help="loader workers (default: cores - 1)")
     parser.add_argument("--images", type=int, default=16000, help="photos built into shards (default 16000)")
     parser.add_argument("--shards", type=Path, help="measure on this shard folder instead of building one")

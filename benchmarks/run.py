@@ -103,7 +103,7 @@ def loader_rows(r: dict) -> list[tuple]:
 
 
 def _on_device(row: dict) -> str:
-    return f", {row['decoded_on_device']:.0%} decoded on the device" if row["decode"] == "both" else ""
+    return f", {row['decoded_on_device']:.0%} decoded on the device" if row["decode"].startswith("both") else ""
 
 
 def gpu_rows(r: dict) -> list[tuple]:

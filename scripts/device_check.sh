@@ -2,13 +2,13 @@
 # The GPU checks in one script, for a lent CUDA machine whose Python has torch, torchvision, numpy,
 # Pillow and tqdm but no network (see docs/benchmarks.md, "GPU"):
 #
-#   bash scripts/device_check.sh wheels   # here: the pure-Python wheels it needs -> benchmarks/out/wheels (2 MB)
+#   bash scripts/device_check.sh wheels   # here: the wheels it needs -> benchmarks/out/wheels (31 MB)
 #   bash scripts/device_check.sh run      # there, from the repository root: device `run` with
-#                                         # carry ["benchmarks/out/wheels"] and timeout_s 450
+#                                         # carry ["benchmarks/out/wheels"] and timeout_s 480
 #
 # "run" installs the wheels into /tmp/site, runs the CUDA-only tests (LRN kernels, models, augmentation,
-# page-locked loader slots), then every GPU benchmark (training speed, LRN cost) with a time limit, and
-# prints the benchmark table last. Logs and JSON go to $OUT (default benchmarks/out).
+# page-locked loader slots, the GPU JPEG decoders), then every GPU benchmark (training speed, LRN cost)
+# with a time limit, and prints the benchmark table last. Logs and JSON go to $OUT (default benchmarks/out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=benchmarks/out/wheels
@@ -17,7 +17,8 @@ case "${1:-}" in
   wheels)
     mkdir -p "$wheels"
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d "$wheels" \
-      webdataset==1.0.2 braceexpand==0.1.7 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0
+      webdataset==1.0.2 braceexpand==0.1.7 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0 \
+      nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43
     ls "$wheels"
     ;;
   run)
@@ -29,8 +30,9 @@ case "${1:-}" in
     python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.cuda.is_available())'
     # The CUDA-only tests: a failure is reported, and the benchmarks still run.
     python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_lrn.py tests/test_model.py tests/test_augment.py tests/test_loader.py \
+      tests/test_device_decode.py \
       2>&1 | tee "$out/cuda_tests.log" || true
-    python3 -m benchmarks.run --gpu --time-limit 150 --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+    python3 -m benchmarks.run --gpu --time-limit 200 --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
     ;;
   *)
     echo "usage: bash scripts/device_check.sh wheels|run" >&2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine: a virtual environment in .venv with torch, this package
-# (with the test and picture extras) and pillow-simd over Pillow. Safe to run again.
+# (with the test, picture and nvImageCodec extras) and pillow-simd over Pillow. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,7 +11,7 @@ pip install -q --upgrade pip
 # torch first and pinned to what pyproject's range accepts and this machine carries; a CUDA build
 # that also runs on the CPU.
 pip install -q "torch==2.14.1" "torchvision==0.29.1"
-pip install -q -e ".[test,viz]"
+pip install -q -e ".[test,viz,nvimgcodec]"
 
 # pillow-simd installs the same PIL module as Pillow; pip cannot express the swap, so overlay it
 # last. Needs libjpeg and zlib headers. Without it everything still works on plain Pillow (slower).

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from train.device_decode import GPU_DECODERS
 from train.model import ARCHS
 
 SCHEDULES = ("plateau", "step", "cosine")
@@ -58,6 +59,9 @@ class TrainConfig:
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer (raw JPEG bytes, about 25 KB each)")
     decode: str = _opt("cpu", "where JPEGs are decoded: in the CPU workers, batched on the GPU (torchvision.io.decode_jpeg), or both: "
                               "the GPU takes the batches the workers start while training waits for data", choices=DECODERS)
+    gpu_decoder: str = _opt("torchvision", "what decodes on the GPU with --decode gpu or both: torchvision's nvJPEG, or nvImageCodec "
+                                           "(optional extra [nvimgcodec]; uses the GPU's hardware JPEG decoders where it has them)",
+                            choices=GPU_DECODERS)
     log_every: int = _opt(50, "steps between train_step records in metrics.jsonl")
     save_every: int = _opt(1000, "steps between mid-epoch saves of last.pt (0 = only at the end of each epoch)")
     steps_per_epoch: int | None = _opt(None, "steps per epoch (default: training samples // global batch, from _info.json)")

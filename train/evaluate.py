@@ -47,6 +47,7 @@ def evaluate(
     mode: str = "center",
     workers: int = 4,
     decode: str = "cpu",
+    gpu_decoder: str = "torchvision",
     rank: int = 0,
     world_size: int = 1,
 ) -> dict:
@@ -60,7 +61,7 @@ def evaluate(
     stream = ShardStream(split, batch_size, train=False, rank=rank, world_size=world_size, decode=decode)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits, centre view's top-1, top-5 hits
     samples = 0
-    for images, labels in DeviceLoader(make_loader(stream, workers, device), device):
+    for images, labels in DeviceLoader(make_loader(stream, workers, device), device, gpu_decoder):
         x = eval_views(images, stats, crop_size, mode)  # (V, B, 3, S, S)
         v, b = x.shape[:2]
         x = x.flatten(0, 1)  # (V * B, 3, S, S)

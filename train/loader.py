@@ -34,9 +34,9 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from prep.contract import IMAGE_SIZE
+from train.device_decode import make_decoder
 from train.stream import ShardError, ShardStream, decode_batch, decode_error_reason
 
 DEPTH = 4  # slots per worker: batches a worker may have decoded ahead, plus the one being filled
@@ -207,18 +207,20 @@ def _page_lock(slots: list[torch.Tensor]) -> list[int]:
 
 class DeviceLoader:
     """Iterates a loader and yields (uint8 (B, 3, 256, 256), int64 (B,)) batches on `device`,
-    decoding there the batches that come as JPEG bytes. `wait` accumulates the seconds spent blocked
-    on the loader (the data-wait share's numerator); `reset_wait()` returns and zeroes it.
-    `decoded_here` counts the batches decoded on the device.
+    decoding there, with `gpu_decoder` (train/device_decode.py), the batches that come as JPEG bytes.
+    `wait` accumulates the seconds spent blocked on the loader (the data-wait share's numerator);
+    `reset_wait()` returns and zeroes it. `decoded_here` counts the batches decoded on the device.
 
     On CUDA the copy runs on a side stream, so it overlaps the step the caller has just queued; the
     compute stream waits for it before the batch is used. The loader's slot is handed back only
     once the copy (or the decode) has read it."""
 
-    def __init__(self, loader: WorkerLoader, device: torch.device):
+    def __init__(self, loader: WorkerLoader, device: torch.device, gpu_decoder: str = "torchvision"):
         self.loader, self.device = loader, device
         self.wait, self.decoded_here = 0.0, 0
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and loader.stream.decode != "gpu" else None
+        decode = loader.stream.decode
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and decode != "gpu" else None
+        self.decoder = make_decoder(gpu_decoder, device) if decode != "cpu" else None
 
     def reset_wait(self) -> float:
         wait, self.wait = self.wait, 0.0
@@ -257,11 +259,11 @@ class DeviceLoader:
         data, lengths, labels, urls = batch
         self.decoded_here += 1
         try:
-            # decode_jpeg takes the bytes on the CPU and decodes the whole list in one call on the device.
-            images = decode_jpeg(list(torch.split(data, lengths.tolist())), mode=ImageReadMode.RGB, device=self.device)
+            # The decoder takes the bytes on the CPU and decodes the whole batch in one call on the device.
+            images = self.decoder(list(torch.split(data, lengths.tolist())))
         except RuntimeError as e:
             raise ShardError(f"{', '.join(urls)}: a JPEG does not decode ({decode_error_reason(e)})") from None
         read = torch.cuda.Event() if self.device.type == "cuda" else None
         if read is not None:
             read.record()
-        return torch.stack(images), labels.to(self.device, non_blocking=True), read
+        return images, labels.to(self.device, non_blocking=True), read

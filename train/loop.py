@@ -25,9 +25,10 @@ from prep.contract import ContractError, atomic_write, write_json
 from train import checkpoint, dist
 from train.augment import PixelStats, train_views
 from train.config import PAPER_BATCH, ConfigError, TrainConfig
+from train.device_decode import DecoderUnavailable, import_nvimgcodec
 from train.evaluate import autocast, evaluate, topk_correct
-from train.model import build_model
 from train.loader import DeviceLoader, make_loader
+from train.model import build_model
 from train.stream import ShardStream, open_shards, seed_for
 
 METRICS, CONFIG = "metrics.jsonl", "config.json"
@@ -124,6 +125,11 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         torch.backends.cudnn.benchmark = True
     if config.decode != "cpu" and device.type != "cuda":
         raise ConfigError(f"--decode {config.decode} needs a CUDA device")
+    if config.decode != "cpu" and config.gpu_decoder == "nvimgcodec":
+        try:
+            import_nvimgcodec()
+        except DecoderUnavailable as e:
+            raise ConfigError(str(e)) from None
     workers = config.workers if config.workers is not None else dist.default_workers()
     config = config.replace(device=device.type, workers=workers)
 
@@ -205,7 +211,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         stream = ShardStream(train_split, config.batch_size, train=True, seed=config.seed, epoch=epoch, steps=steps_per_epoch,
                              start=start_step, rank=world.rank, world_size=world.world_size,
                              shuffle_buffer=config.shuffle_buffer, decode=config.decode)
-        loader = DeviceLoader(make_loader(stream, config.workers, device), device)
+        loader = DeviceLoader(make_loader(stream, config.workers, device), device, config.gpu_decoder)
         with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not world.is_main, dynamic_ncols=True) as bar:
             interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
@@ -245,7 +251,8 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             eval_start = time.perf_counter()
             val = evaluate(eval_model, val_split, stats, device, batch_size=config.batch_size, crop_size=config.crop_size,
-                           workers=config.workers, decode=config.decode, rank=world.rank, world_size=world.world_size)
+                           workers=config.workers, decode=config.decode, gpu_decoder=config.gpu_decoder, rank=world.rank,
+                           world_size=world.world_size)
             schedule.evaluated(val["top1_err"])
             record.update(val_top1_err=val["top1_err"], val_top5_err=val["top5_err"], val_loss=val["loss"],
                           eval_time=time.perf_counter() - eval_start)
