@@ -37,7 +37,7 @@ import torch
 
 from prep.contract import IMAGE_SIZE
 from train.device_decode import make_decoder
-from train.stream import ShardError, ShardStream, decode_batch, decode_error_reason
+from train.stream import ShardError, ShardStream, decode_batch, decode_error_reason, pack_batch
 
 DEPTH = 4  # slots per worker: batches a worker may have decoded ahead, plus the one being filled
 SLOT_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
@@ -183,13 +183,11 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
 def _pack(batch, slot: torch.Tensor) -> tuple[list[int], list[str], bytes | None]:
     """The batch's JPEGs end to end in `slot` for decoding on the device: (byte lengths, shard urls,
     None); if they do not fit (JPEGs larger than their raw pixels), (lengths, urls, the bytes)."""
-    lengths = [len(jpg) for _, _, jpg, _ in batch]
-    urls = sorted({url for url, *_ in batch})
-    joined = b"".join(jpg for _, _, jpg, _ in batch)
-    if len(joined) > slot.numel():
-        return lengths, urls, joined
-    slot[: len(joined)].numpy()[:] = memoryview(joined)
-    return lengths, urls, None
+    data, lengths, _, urls = pack_batch(batch)
+    if data.numel() > slot.numel():
+        return lengths.tolist(), urls, data.numpy().tobytes()
+    slot[: data.numel()].copy_(data)
+    return lengths.tolist(), urls, None
 
 
 def _page_lock(slots: list[torch.Tensor]) -> list[int]:
