@@ -1,8 +1,8 @@
 """The shard-folder contract between `alexprep` (writer) and `alextrain` (reader).
 
-Everything both programs must agree on lives here: file names, sample fields, the layout of
-`_info.json` and `stats.json`, the class table, and the one way files are written (temporary name,
-then rename). Light on purpose: only the standard library, so the trainer can import it without
+Everything both programs must agree on lives here: file names, sample fields, how tar members
+group into samples, the layout of `_info.json` and `stats.json`, the class table, and the one way
+files are written (temporary name, then rename). Light on purpose: only the standard library, so the trainer can import it without
 pulling in `datasets` or Pillow.
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -87,27 +90,74 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ContractError(f"{path}: no {what} here; build the folder with `alexprep build-shards --out {path.parent}`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ContractError(f"{path}: unreadable {what} ({e})") from e
+    if not isinstance(obj, dict):
+        raise ContractError(f"{path}: {what} is not a JSON object")
+    return obj
+
+
+def is_shard_filename(name) -> bool:
+    """Whether `name` is a plain `.tar` file name that stays inside its folder: no folder part, no
+    leading dot, only letters, digits, '_', '-' and '.' (so no `../`, no absolute path)."""
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar", name) is not None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_split(path: Path, split: str, entry) -> None:
+    """One split's entry of `_info.json`: shard names that stay in the folder, lengths that add up."""
+    if not isinstance(entry, dict):
+        raise ContractError(f"{path}: split {split!r} is not an object")
+    names, lengths = entry.get("filenames"), entry.get("shard_lengths")
+    if not isinstance(names, list) or not isinstance(lengths, list) or not all(_is_count(n) for n in lengths):
+        raise ContractError(f"{path}: split {split!r} needs lists `filenames` and `shard_lengths` (sample counts)")
+    records = entry.get("shards", [])
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ContractError(f"{path}: split {split!r}: `shards` is not a list of objects")
+    for name in names + [r.get("filename") for r in records]:
+        if not is_shard_filename(name):
+            raise ContractError(f"{path}: split {split!r} names shard {name!r}; a shard is a plain .tar file name in this folder")
+    if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples"):
+        raise ContractError(f"{path}: split {split!r} has inconsistent filenames/shard_lengths/num_samples")
+
+
+def _check_classes(path: Path, classes) -> None:
+    if not isinstance(classes, list) or not classes:
+        raise ContractError(f"{path}: no class table (`classes`: a list of {{index, wnid, name}})")
+    for i, c in enumerate(classes):
+        ok = isinstance(c, dict) and c.get("index") == i and not isinstance(c.get("index"), bool)
+        if not (ok and isinstance(c.get("wnid"), str) and isinstance(c.get("name"), str)):
+            raise ContractError(f"{path}: class entry {i} is not {{\"index\": {i}, \"wnid\": ..., \"name\": ...}}: {str(c)[:80]}")
 
 
 def read_info(folder: str | os.PathLike) -> dict:
-    """Load and check `_info.json`; raise ContractError with one clear line if it is wrong."""
+    """Load and check `_info.json`: schema version, splits (shard names that are plain file names in
+    the folder, lengths that add up) and the class table; raise ContractError with one clear line."""
     path = Path(folder) / INFO_NAME
     info = _read_json(path, INFO_NAME)
     version = info.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ContractError(f"{path}: schema_version {version!r}, this program reads {SCHEMA_VERSION}")
-    for split, entry in info.get("splits", {}).items():
-        names, lengths = entry.get("filenames", []), entry.get("shard_lengths", [])
-        if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples"):
-            raise ContractError(f"{path}: split {split!r} has inconsistent filenames/shard_lengths/num_samples")
+    splits = info.get("splits")
+    if not isinstance(splits, dict):
+        raise ContractError(f"{path}: `splits` {'missing' if splits is None else 'is not an object'}")
+    for split, entry in splits.items():
+        _check_split(path, split, entry)
+    _check_classes(path, info.get("classes"))
     return info
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_stats(folder: str | os.PathLike) -> dict:
-    """Load and check `stats.json` (mean, std, eigval, eigvec on a 0..1 scale)."""
+    """Load and check `stats.json` (mean, std, eigval, eigvec, cov on a 0..1 scale): every value a
+    finite number, every std above 0 (the trainer divides by it). ContractError with one clear line."""
     path = Path(folder) / STATS_NAME
     stats = _read_json(path, STATS_NAME)
     for key, shape in (("mean", (3,)), ("std", (3,)), ("eigval", (3,)), ("eigvec", (3, 3)), ("cov", (3, 3))):
@@ -117,7 +167,47 @@ def read_stats(folder: str | os.PathLike) -> dict:
             ok = all(isinstance(row, list) and len(row) == shape[1] for row in value)
         if not ok:
             raise ContractError(f"{path}: field {key!r} missing or not of shape {shape}")
+        numbers = value if len(shape) == 1 else [v for row in value for v in row]
+        if not all(_is_number(v) for v in numbers):
+            raise ContractError(f"{path}: field {key!r} holds a value that is not a finite number: {value}")
+    if not all(s > 0 for s in stats["std"]):
+        raise ContractError(f"{path}: std {stats['std']} has a channel without spread (std must be above 0)")
     return stats
+
+
+def sample_key(member_name: str) -> tuple[str, str]:
+    """A tar member's (sample key, field): `sub/n01440764_10026.jpg` -> (`sub/n01440764_10026`, `jpg`).
+    The key ends at the first dot of the base name, as in webdataset (so keys hold no dots)."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), field
+
+
+def iter_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """`(key, {field: bytes})` for each sample of an uncompressed tar read as a stream: the one rule
+    for grouping members into samples, for `alexprep verify` and the trainer alike. A sample is a
+    run of consecutive regular-file members with the same `sample_key`. Raises tarfile.TarError (or
+    OSError) where the tar is unreadable; a damaged header mid-archive ends the stream early, which
+    shows as fewer samples than `shard_lengths` says."""
+    key, fields = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, field = sample_key(member.name)
+            if member_key != key and key is not None:
+                yield key, fields
+                fields = {}
+            key = member_key
+            fields[field] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, fields
+
+
+def label_of(cls: bytes, num_classes: int) -> int | None:
+    """A sample's class index from its `cls` field (ASCII digits), or None where it is not an index
+    of the class table (not digits, or not below num_classes)."""
+    return int(cls) if cls.isascii() and cls.isdigit() and int(cls) < num_classes else None
 
 
 def classes_from_info(info: dict) -> list[ClassInfo]:

@@ -6,8 +6,7 @@ fixed-width table and `plot_shards` as a picture (class balance + a contact shee
 `verify_folder` re-reads every shard once, hashing and parsing it in the same pass, and lists every
 way the folder departs from the contract in prep/contract.py.
 
-Shards are read with the standard `tarfile` module in stream mode, grouping members into samples
-the way webdataset does (key = member name up to the first dot of its base name).
+Shards are read with `prep.contract.iter_samples`, the one rule for grouping tar members into samples.
 """
 
 from __future__ import annotations
@@ -37,6 +36,8 @@ from prep.contract import (
     ContractError,
     atomic_write,
     classes_from_info,
+    iter_samples,
+    label_of,
     read_info,
     read_stats,
 )
@@ -51,30 +52,6 @@ BAR_CHART_MAX_CLASSES = 40  # up to this many classes one bar per class; above, 
 
 # ---------------------------------------------------------------------------------------------
 # Reading shards
-
-
-def iter_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield `(key, {field: bytes})` for each sample of an uncompressed tar read as a stream.
-
-    Consecutive members with the same key form one sample, as in webdataset. Raises
-    `tarfile.TarError` (or OSError) where the tar is unreadable; a damaged header mid-archive
-    ends the stream early, which shows up as a sample count below `shard_lengths`.
-    """
-    key, fields = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, _, field = base.partition(".")
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key and key is not None:
-                yield key, fields
-                fields = {}
-            key = member_key
-            fields[field] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, fields
 
 
 class _HashingReader:
@@ -99,12 +76,6 @@ class _HashingReader:
 
 # ---------------------------------------------------------------------------------------------
 # stats
-
-
-def _label(fields: dict[str, bytes], num_classes: int) -> int | None:
-    """The sample's class index, or None where `cls` is missing or not an index below num_classes."""
-    raw = fields.get("cls", b"")
-    return int(raw) if raw.isdigit() and int(raw) < num_classes else None
 
 
 def _median(counts: list[int]) -> int | float:
@@ -236,7 +207,7 @@ def _sheet_samples(folder: Path, filenames: list[str], n: int, num_classes: int)
                 if i == per_shard or len(picked) == n:
                     break
                 if "jpg" in fields:
-                    picked.append((fields["jpg"], _label(fields, num_classes)))
+                    picked.append((fields["jpg"], label_of(fields.get("cls", b""), num_classes)))
     return picked
 
 
@@ -344,7 +315,7 @@ def _check_sample(key: str, fields: dict[str, bytes], wnids: list[str]) -> list[
                 problems.append(f"sample {key}: jpg is {fmt} {mode} {size[0]}x{size[1]}, expected JPEG RGB {IMAGE_SIZE}x{IMAGE_SIZE}")
             elif progressive:
                 problems.append(f"sample {key}: jpg is progressive, expected baseline")
-    label = _label(fields, len(wnids))
+    label = label_of(fields.get("cls", b""), len(wnids))
     if "cls" in fields and label is None:
         problems.append(f"sample {key}: cls {fields['cls'][:20]!r} is not a class index below {len(wnids)}")
     if "json" in fields:

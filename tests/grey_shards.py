@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import torch
-from torchvision.io import encode_jpeg
+from torchcodec.encoders import JpegEncoder
 
 from prep.contract import shard_name
 
@@ -20,7 +20,7 @@ def grey(i: int) -> int:
 
 
 def jpeg_of(i: int) -> bytes:
-    return encode_jpeg(torch.full((3, 256, 256), grey(i), dtype=torch.uint8), quality=90).numpy().tobytes()
+    return JpegEncoder(torch.full((3, 256, 256), grey(i), dtype=torch.uint8)).to_tensor(quality=90).numpy().tobytes()
 
 
 def write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> None:

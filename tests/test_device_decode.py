@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torchvision.io import encode_jpeg
+from torchcodec.encoders import JpegEncoder
 
 from grey_shards import check_pixels, write_folder
 from prep.synthetic import photo
 from train.device_decode import DecoderUnavailable, import_nvimgcodec, make_decoder
-from train.loader import DeviceLoader, make_loader
-from train.stream import ShardError, ShardStream, decode_batch, open_shards
+from train.loader import DeviceLoader, decode_batch, make_loader
+from train.stream import Sample, ShardError, ShardStream, open_shards
 
 CPU = torch.device("cpu")
 
@@ -29,12 +29,12 @@ def nvimgcodec_or_skip():
 def photo_jpegs(n: int) -> list[torch.Tensor]:
     """n photo-like 256x256 q90 JPEGs (4:2:0 chroma, as the shards hold), as 1-D uint8 tensors."""
     rng = np.random.default_rng(7)
-    return [encode_jpeg(torch.from_numpy(photo(rng, 256, 256)).permute(2, 0, 1).contiguous(), quality=90) for _ in range(n)]
+    return [JpegEncoder(torch.from_numpy(photo(rng, 256, 256)).permute(2, 0, 1).contiguous()).to_tensor(quality=90) for _ in range(n)]
 
 
 def reference(jpegs: list[torch.Tensor]) -> torch.Tensor:
     """The workers' decode of the same JPEGs."""
-    images, _ = decode_batch([("shard", f"k{i}", j.numpy().tobytes(), 0) for i, j in enumerate(jpegs)])
+    images, _ = decode_batch([Sample("shard", f"k{i}", j.numpy().tobytes(), 0) for i, j in enumerate(jpegs)])
     return images
 
 

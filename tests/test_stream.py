@@ -33,7 +33,7 @@ def collect(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch
 
 def test_read_shard_yields_raw_samples_in_file_order(folder):
     split = open_shards(str(folder)).split("train")
-    samples = list(read_shard(split.urls[1], 3))
+    samples = list(read_shard(split.urls[1], 3, split.num_classes))
     assert [(key, label) for _, key, _, label in samples] == [("train_00007", 7), ("train_00008", 8), ("train_00009", 9)]
     assert samples[0][2] == jpeg_of(7) and samples[0][0] == str(folder / "train-000001.tar")
 

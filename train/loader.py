@@ -1,4 +1,10 @@
-"""Batches from a ShardStream to the training device: loader worker processes and the copy to the GPU.
+"""Batches from a ShardStream to the training device: decoding, loader worker processes, and the copy to the GPU.
+
+Two kinds of batch travel from the workers: an `ImageBatch` (decoded on the CPU with TorchCodec) or a
+`JpegBatch` (the JPEG bytes, for the device to decode). Which the workers make is the loader's decode
+policy (`decode`): "cpu" always the first, "gpu" always the second, "both" the second only for the
+batches a worker starts while the main process is waiting for data (a byte in another shared page says
+so), so the CPU workers decode all they can and the device decodes what they cannot keep up with.
 
 torch's DataLoader hands every batch a worker makes to the main process through a fresh shared-memory
 segment: the worker faults in new pages for the batch, copies it into a new segment, the main process
@@ -8,18 +14,12 @@ workers are forked, each slot big enough for one batch:
 
     worker w: [slot 0][slot 1][slot 2][slot 3]      B x 256 x 256 x 3 bytes each (or the batch's JPEGs)
 
-A worker decodes a batch straight into a free slot and sends the slot's number and the labels through
-its pipe; the main process yields a view of the slot and hands the slot back when the next batch is
-asked for. With decode="gpu" a worker puts the batch's JPEG bytes in the slot instead, for decoding on
-the device; with decode="both" it does that only for the batches it starts while the main process is
-waiting for data (a byte in another shared page says so), and decodes the others itself: the CPU
-workers decode all they can, and the device decodes what they cannot keep up with. No page is allocated, copied or mapped per batch, and nothing lives in /dev/shm (the
-mapping is anonymous, so a killed run leaves nothing behind). On CUDA the mapping is page-locked once
-(cudaHostRegister), so the copy to the GPU is a DMA straight out of the slot, on a side stream that
-overlaps the previous step's compute.
-
-Order: batch b comes from worker b % workers, as with DataLoader (ShardStream relies on it for exact
-resumes); when a worker has no batches left (evaluation), the others go on in turn.
+A worker decodes a batch straight into a free slot (or puts its JPEG bytes there) and sends a small
+message naming the slot; the main process yields a view of the slot and hands the slot back when the
+next batch is asked for. No page is allocated, copied or mapped per batch, and nothing lives in
+/dev/shm (the mapping is anonymous, so a killed run leaves nothing behind). On CUDA the mapping is
+page-locked once (cudaHostRegister), so the copy to the GPU is a DMA straight out of the slot, on a
+side stream that overlaps the previous step's compute.
 """
 
 from __future__ import annotations
@@ -28,51 +28,130 @@ import contextlib
 import mmap
 import multiprocessing
 import signal
+import sys
 import time
 import traceback
 import warnings
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
+from torchcodec.decoders import decode_jpeg
 
 from prep.contract import IMAGE_SIZE
 from train.device_decode import make_decoder
-from train.stream import ShardError, ShardStream, decode_batch, decode_error_reason, pack_batch
+from train.stream import Sample, ShardError, ShardStream
 
+DECODES = ("cpu", "gpu", "both")  # where JPEGs are decoded: see the module docstring
 DEPTH = 4  # slots per worker: batches a worker may have decoded ahead, plus the one being filled
 SLOT_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 
 
 class LoaderWorkerError(RuntimeError):
-    """A loader worker died or failed with something other than a ShardError."""
+    """A loader worker died, or failed with something other than a ShardError; one line."""
+
+
+class ImageBatch(NamedTuple):
+    """A batch decoded on the CPU."""
+
+    images: torch.Tensor  # uint8 (B, 3, 256, 256) RGB, channels_last
+    labels: torch.Tensor  # int64 (B,)
+
+
+class JpegBatch(NamedTuple):
+    """A batch for the device to decode."""
+
+    data: torch.Tensor  # uint8: the B JPEG files end to end
+    lengths: torch.Tensor  # int64 (B,): each file's bytes
+    labels: torch.Tensor  # int64 (B,)
+    urls: list[str]  # the shards the samples came from, for error messages
+
+
+def decode_batch(batch: list[Sample], out: torch.Tensor | None = None) -> ImageBatch:
+    """Decode raw samples on this CPU into out[:B] if given (a channels_last (N >= B, 3, 256, 256)
+    uint8 buffer), else into a new tensor. Raises ShardError naming the shard and sample of a JPEG
+    that does not decode or is not 256 x 256 RGB."""
+    # channels_last: the decoder's result is an (H, W, 3) buffer viewed as (3, H, W), so copying it into
+    # a channels_last batch is a straight memcpy (into NCHW it is a slow transpose); it is also the
+    # layout the model takes on the GPU.
+    if out is None:
+        out = torch.empty(len(batch), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, memory_format=torch.channels_last)
+    images = out[: len(batch)]
+    for i, sample in enumerate(batch):
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(sample.jpg), dtype=torch.uint8), mode="RGB")
+        except RuntimeError as e:
+            raise ShardError(f"{sample.url}: sample {sample.key}: JPEG does not decode ({decode_error_reason(e)})") from None
+        if image.shape != images.shape[1:]:
+            raise ShardError(f"{sample.url}: sample {sample.key}: image is {tuple(image.shape)}, expected (3, {IMAGE_SIZE}, {IMAGE_SIZE})")
+        images[i] = image
+    return ImageBatch(images, torch.tensor([s.label for s in batch], dtype=torch.int64))
+
+
+def decode_error_reason(e: RuntimeError) -> str:
+    """The decoder's own words from a TorchCodec or torchvision error ("decode_jpeg, FILE.cpp:171, Invalid JPEG...")."""
+    return str(e).splitlines()[0].split(", ")[-1]
+
+
+def pack_batch(batch: list[Sample]) -> JpegBatch:
+    """Raw samples -> their JPEG bytes end to end, for decoding on the device."""
+    data = torch.frombuffer(bytearray(b"".join(s.jpg for s in batch)), dtype=torch.uint8)
+    lengths = torch.tensor([len(s.jpg) for s in batch], dtype=torch.int64)
+    labels = torch.tensor([s.label for s in batch], dtype=torch.int64)
+    return JpegBatch(data, lengths, labels, sorted({s.url for s in batch}))
 
 
 def make_loader(stream: ShardStream, workers: int, device: torch.device, depth: int = DEPTH) -> WorkerLoader:
-    """The stream's batches on the host, decoded by `workers` processes (0: in this one); the slots
-    are page-locked when `device` is CUDA and the workers decode there (decode "cpu" or "both")."""
-    return WorkerLoader(stream, workers, pin=device.type == "cuda" and stream.decode != "gpu", depth=depth)
+    """The stream's batches on the host, read by `workers` processes (0: in this one), decoded as
+    `stream.decode` asks (read here once: from here on the loader's policy); the slots are page-locked
+    when `device` is CUDA and the workers decode ("cpu" or "both")."""
+    return WorkerLoader(stream, workers, decode=stream.decode, pin=device.type == "cuda" and stream.decode != "gpu", depth=depth)
+
+
+# Messages from a worker to the main process (the main process sends back only freed slot numbers).
+class _Decoded(NamedTuple):
+    slot: int
+    labels: list[int]
+
+
+class _Packed(NamedTuple):
+    slot: int
+    labels: list[int]
+    lengths: list[int]
+    urls: list[str]
+    spilled: bytes | None  # the JPEG bytes when they did not fit the slot, else None
+
+
+class _Finished(NamedTuple):
+    pass
+
+
+class _Failed(NamedTuple):
+    message: str  # one line
+    shard_error: bool  # a ShardError (bad data) rather than a bug or a crash
 
 
 class WorkerLoader:
-    """Iterates a ShardStream's batches: (uint8 (B, 3, 256, 256) channels_last, int64 (B,)) decoded
-    on the CPU, or (JPEG bytes end to end, byte lengths, labels, shard urls) for the device to decode:
-    the first kind with decode="cpu", the second with "gpu", either with "both" (in this process:
-    the first). With workers, a batch is a view of a slot that is reused once the next batch is asked
-    for (`reuses_buffers`): copy out what must outlive that."""
+    """Iterates a ShardStream's batches as ImageBatch or JpegBatch (see the module docstring; with no
+    workers, "both" decodes on the CPU). With workers, a batch is a view of a slot that is reused once
+    the next batch is asked for (`reuses_buffers`): copy out what must outlive that."""
 
-    def __init__(self, stream: ShardStream, workers: int, *, pin: bool = False, depth: int = DEPTH):
+    def __init__(self, stream: ShardStream, workers: int, *, decode: str = "cpu", pin: bool = False, depth: int = DEPTH):
         if depth < 1:
             raise ValueError("a loader worker needs at least one slot")
-        self.stream, self.workers, self.pin, self.depth = stream, workers, pin, depth
+        if decode not in DECODES:
+            raise ValueError(f"unknown decode {decode!r}; one of {', '.join(DECODES)}")
+        self.stream, self.workers, self.decode, self.pin, self.depth = stream, workers, decode, pin, depth
         self.slot_bytes = stream.batch_size * SLOT_IMAGE_BYTES
         self.reuses_buffers = workers > 0
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[ImageBatch | JpegBatch]:
         if self.workers == 0:
-            return iter(self.stream)
+            to_batch = pack_batch if self.decode == "gpu" else decode_batch
+            return (to_batch(batch) for batch in self.stream.raw_batches())
         return self._from_workers()
 
-    def _from_workers(self) -> Iterator[tuple]:
+    def _from_workers(self) -> Iterator[ImageBatch | JpegBatch]:
         context = multiprocessing.get_context("fork")  # workers inherit the stream and the mapping
         buffers = [mmap.mmap(-1, self.depth * self.slot_bytes) for _ in range(self.workers)]  # MAP_SHARED
         slots = [torch.frombuffer(b, dtype=torch.uint8).view(self.depth, self.slot_bytes) for b in buffers]
@@ -102,7 +181,13 @@ class WorkerLoader:
                 for ptr in pinned:
                     torch.cuda.cudart().cudaHostUnregister(ptr)
 
-    def _batches(self, processes, conns, slots, waiting) -> Iterator[tuple]:
+    def _batches(self, processes, conns, slots, waiting) -> Iterator[ImageBatch | JpegBatch]:
+        """The workers' batches, taken in turn.
+
+        The turn order, which exact resume depends on: the k-th batch yielded is the next batch of
+        worker k % workers, and worker w makes the stream's `raw_batches(w, workers)`, so for training
+        the k-th batch is the epoch's batch start + k (ShardStream.raw_batches). When a worker has no
+        batches left (evaluation), the others go on in turn."""
         images = [s.view(self.depth, -1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 1, 4, 2, 3) for s in slots]  # channels_last
         active, turn, held = list(range(self.workers)), 0, None
         while active:
@@ -113,37 +198,34 @@ class WorkerLoader:
                 held = None
             if not conns[w].poll(0):
                 waiting[0] = 1
-            kind, *payload = _receive(conns[w], processes[w], w)
+            message = _receive(conns[w], processes[w], w)
             waiting[0] = 0
-            if kind == "end":
+            if isinstance(message, _Finished):
                 active.remove(w)
                 continue
-            slot, n, labels, packed = payload
-            labels = torch.tensor(labels, dtype=torch.int64)
-            held, turn = (w, slot), turn + 1
-            if kind == "images":
-                yield images[w][slot][:n], labels
+            labels = torch.tensor(message.labels, dtype=torch.int64)
+            held, turn = (w, message.slot), turn + 1
+            if isinstance(message, _Decoded):
+                yield ImageBatch(images[w][message.slot][: len(labels)], labels)
             else:
-                lengths, urls, spilled = packed
-                data = torch.frombuffer(bytearray(spilled), dtype=torch.uint8) if spilled else slots[w][slot][: sum(lengths)]
-                yield data, torch.tensor(lengths, dtype=torch.int64), labels, urls
+                data = (torch.frombuffer(bytearray(message.spilled), dtype=torch.uint8) if message.spilled
+                        else slots[w][message.slot][: sum(message.lengths)])
+                yield JpegBatch(data, torch.tensor(message.lengths, dtype=torch.int64), labels, message.urls)
 
 
-def _receive(conn, process, w: int) -> tuple:
+def _receive(conn, process, w: int) -> _Decoded | _Packed | _Finished:
     """The next message of worker `w`; raises its ShardError, or LoaderWorkerError if it failed or died."""
     while not conn.poll(1.0):
         if not process.is_alive():
             break
     try:
-        kind, *payload = conn.recv()
+        message = conn.recv()
     except (EOFError, OSError):
         process.join(5)
         raise LoaderWorkerError(f"loader worker {w} (pid {process.pid}) died (exit code {process.exitcode})") from None
-    if kind == "shard_error":
-        raise ShardError(payload[0])
-    if kind == "failed":
-        raise LoaderWorkerError(f"loader worker {w} failed:\n{payload[0]}")
-    return (kind, *payload)
+    if isinstance(message, _Failed):
+        raise (ShardError if message.shard_error else LoaderWorkerError)(message.message)
+    return message
 
 
 def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mmap.mmap, pipes) -> None:
@@ -156,38 +238,44 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
             worker_end.close()
     conn = pipes[w][1]
     torch.set_num_threads(1)
-    stream, free = loader.stream, list(range(loader.depth))
+    free = list(range(loader.depth))
     images = slots.view(loader.depth, -1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 1, 4, 2, 3)
     try:
-        for batch in stream.raw_batches(w, loader.workers):
+        for batch in loader.stream.raw_batches(w, loader.workers):
             if not free:
                 free.append(conn.recv())  # the main process hands a slot back
             slot = free.pop(0)
-            labels = [label for *_, label in batch]
-            if stream.decode == "cpu" or (stream.decode == "both" and not waiting[0]):
+            labels = [s.label for s in batch]
+            if loader.decode == "cpu" or (loader.decode == "both" and not waiting[0]):
                 decode_batch(batch, out=images[slot])
-                conn.send(("images", slot, len(batch), labels, None))
+                conn.send(_Decoded(slot, labels))
             else:
-                conn.send(("jpegs", slot, len(batch), labels, _pack(batch, slots[slot])))
-        conn.send(("end",))
+                conn.send(_Packed(slot, labels, *_pack(batch, slots[slot])))
+        conn.send(_Finished())
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the main process has gone or stopped early
     except ShardError as e:
         with contextlib.suppress(OSError):
-            conn.send(("shard_error", str(e)))
-    except BaseException:
+            conn.send(_Failed(str(e), shard_error=True))
+    except BaseException as e:
+        # A bug: its traceback goes to this process's stderr (the terminal), the one-line summary to the main process.
+        traceback.print_exc(file=sys.stderr)
         with contextlib.suppress(OSError):
-            conn.send(("failed", traceback.format_exc()))
+            conn.send(_Failed(f"loader worker {w} failed: {type(e).__name__}: {_first_line(e)} (traceback above)", shard_error=False))
 
 
-def _pack(batch, slot: torch.Tensor) -> tuple[list[int], list[str], bytes | None]:
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().split("\n", 1)[0]
+
+
+def _pack(batch: list[Sample], slot: torch.Tensor) -> tuple[list[int], list[str], bytes | None]:
     """The batch's JPEGs end to end in `slot` for decoding on the device: (byte lengths, shard urls,
     None); if they do not fit (JPEGs larger than their raw pixels), (lengths, urls, the bytes)."""
-    data, lengths, _, urls = pack_batch(batch)
-    if data.numel() > slot.numel():
-        return lengths.tolist(), urls, data.numpy().tobytes()
-    slot[: data.numel()].copy_(data)
-    return lengths.tolist(), urls, None
+    packed = pack_batch(batch)
+    if packed.data.numel() > slot.numel():
+        return packed.lengths.tolist(), packed.urls, packed.data.numpy().tobytes()
+    slot[: packed.data.numel()].copy_(packed.data)
+    return packed.lengths.tolist(), packed.urls, None
 
 
 def _page_lock(slots: list[torch.Tensor]) -> list[int]:
@@ -216,9 +304,8 @@ class DeviceLoader:
     def __init__(self, loader: WorkerLoader, device: torch.device, gpu_decoder: str = "torchvision"):
         self.loader, self.device = loader, device
         self.wait, self.decoded_here = 0.0, 0
-        decode = loader.stream.decode
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and decode != "gpu" else None
-        self.decoder = make_decoder(gpu_decoder, device) if decode != "cpu" else None
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and loader.decode != "gpu" else None
+        self.decoder = make_decoder(gpu_decoder, device) if loader.decode != "cpu" else None
 
     def reset_wait(self) -> float:
         wait, self.wait = self.wait, 0.0
@@ -239,9 +326,9 @@ class DeviceLoader:
             yield images, labels
             t0 = time.perf_counter()
 
-    def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+    def to_device(self, batch: ImageBatch | JpegBatch) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
         """(images, labels, an event recorded once `batch` has been read, or None on the CPU)."""
-        if len(batch) == 2:  # decoded on the CPU
+        if isinstance(batch, ImageBatch):
             images, labels = batch
             if self.device.type != "cuda":
                 return (images.clone() if self.loader.reuses_buffers else images), labels, None

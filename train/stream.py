@@ -1,9 +1,10 @@
-"""Shards -> uint8 batches: the streaming input of alextrain.
+"""Shards -> batches of raw samples: the streaming input of alextrain.
 
 The stages, each a small generator over the previous one, run inside each loader worker (train/loader.py):
 
-    plan (which shards, which samples) -> read raw samples (webdataset's tar reader, gopen for URLs)
-    -> shuffle buffer (raw bytes) -> raw batches -> skip the batches done before a resume -> decode
+    plan (which shards, which samples) -> read raw samples (tar members grouped by prep.contract's rule,
+    labels checked against the class table) -> shuffle buffer (raw bytes) -> batches -> skip the batches
+    done before a resume
 
 Every epoch's stream is a pure function of (seed, epoch, rank, world size, workers, batch size,
 shuffle buffer): the shard order is shuffled with (seed, epoch), the shards (or, when there are fewer
@@ -12,35 +13,43 @@ overlap, and each reader's shuffle buffer is seeded with (seed, epoch, rank, wor
 has a fixed number of steps on every rank; readers cycle through their shards as often as needed so
 none runs dry. Resuming at step s skips the first s batches before decoding, so it costs only reads.
 
-Workers only read and decode (to uint8 (B, 3, 256, 256)); every per-pixel operation after that runs on
-the training device (train/augment.py). With decode="gpu" the workers pass the JPEG bytes through and
-`train.loader.DeviceLoader` decodes them in batches on the device.
+Shards at http(s) and `pipe:` URLs are read with a timeout on every read and a bounded number of
+retries (`RemoteReads`), so a stalled server or a hanging command ends in one error naming the URL.
+Decoding the batches (on the CPU in the workers, or on the device) is the loader's business.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import itertools
+import os
 import random
+import select
+import signal
 import subprocess
 import tempfile
+import time
+import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
-import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from prep.contract import IMAGE_SIZE, INFO_NAME, STATS_NAME, ClassInfo, ContractError, classes_from_info, read_info, read_stats
+from prep.contract import INFO_NAME, STATS_NAME, ClassInfo, ContractError, classes_from_info, iter_samples, label_of, read_info, read_stats
 
 
 class ShardError(Exception):
     """A shard that cannot be read as the contract promises; the message starts with the shard's name."""
+
+
+class RemoteReadError(Exception):
+    """A remote file that gave no data within the timeout, or failed, on every try; the message starts
+    with its URL."""
 
 
 def seed_for(*parts: int) -> int:
@@ -51,7 +60,7 @@ def seed_for(*parts: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The shard folder (or URL prefix) and its two JSON files
+# Reading files: local paths, http(s) and pipe: URLs
 
 
 def is_url(location: str) -> bool:
@@ -68,27 +77,158 @@ def join(location: str, name: str) -> str:
     return str(Path(location) / name)
 
 
-def _fetch(url: str) -> bytes:
+@dataclass(frozen=True)
+class RemoteReads:
+    """When reads of http(s) and pipe: URLs give up (a policy, not a measurement): every read waits at
+    most `timeout` seconds for data; a file that stalls or fails is opened again where it stopped (an
+    http Range request, or the pipe command run again with the bytes already read skipped), at most
+    `retries` times, `backoff` seconds after the first failure and twice as long after each next one;
+    then RemoteReadError names the URL."""
+
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+
+
+class _Pipe:
+    """The standard output of a shell command, read with a timeout per read. The command runs in its
+    own process group, so closing kills it and everything it started."""
+
+    def __init__(self, command: str, timeout: float):
+        self.timeout, self.stderr = timeout, tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True)
+
+    def readinto(self, buffer) -> int:
+        fd = self.process.stdout.fileno()
+        if not select.select([fd], [], [], self.timeout)[0]:
+            raise TimeoutError(f"no data for {self.timeout:g} s")
+        data = os.read(fd, len(buffer))
+        buffer[: len(data)] = data
+        if not data:
+            try:
+                status = self.process.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"output ended but the command did not exit within {self.timeout:g} s") from None
+            if status != 0:
+                self.stderr.seek(0)
+                said = self.stderr.read().decode(errors="replace").strip().splitlines()
+                raise OSError(f"exit status {status}" + (f": {said[-1][:200]}" if said else ""))
+        return len(data)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process.stdout.close()
+        self.stderr.close()
+
+
+class _Http:
+    """The body of an http(s) GET from byte `offset` on, with a socket timeout per read."""
+
+    def __init__(self, url: str, offset: int, timeout: float):
+        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        self.response = urllib.request.urlopen(request, timeout=timeout)
+        self.skip = offset if offset and self.response.status != 206 else 0  # a server without ranges sends it all
+
+    def readinto(self, buffer) -> int:
+        return self.response.readinto(buffer)
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class RemoteFile(io.RawIOBase):
+    """A read-only file over an http(s) or pipe: URL that retries as `remote` says (see RemoteReads)."""
+
+    def __init__(self, url: str, remote: RemoteReads):
+        self.url, self.remote = url, remote
+        self.offset, self.failures, self.source = 0, 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            try:
+                if self.source is None:
+                    self.source = self._open()
+                n = self.source.readinto(buffer)
+                self.offset += n
+                return n
+            except (OSError, HTTPException) as e:  # TimeoutError and urllib's errors are OSErrors
+                self._drop_source()
+                final = isinstance(e, urllib.error.HTTPError) and e.code < 500  # 404 stays 404
+                if final or self.failures >= self.remote.retries:
+                    tries = f" ({self.failures + 1} tries)" if self.failures else ""
+                    raise RemoteReadError(f"{self.url}: {_reason(e)}{tries}") from None
+                time.sleep(self.remote.backoff * 2**self.failures)
+                self.failures += 1
+
+    def _open(self):
+        """The source from self.offset on."""
+        if self.url.startswith("pipe:"):
+            source = _Pipe(self.url[len("pipe:") :], self.remote.timeout)
+            skip = self.offset
+        else:
+            source = _Http(self.url, self.offset, self.remote.timeout)
+            skip = source.skip
+        try:
+            scratch = bytearray(1 << 16)
+            while skip:
+                n = source.readinto(memoryview(scratch)[: min(skip, len(scratch))])
+                if n == 0:
+                    raise OSError(f"ended at byte {self.offset - skip} of the {self.offset} read before")
+                skip -= n
+        except BaseException:
+            source.close()
+            raise
+        return source
+
+    def _drop_source(self) -> None:
+        if self.source is not None:
+            with contextlib.suppress(OSError):
+                self.source.close()
+            self.source = None
+
+    def close(self) -> None:
+        self._drop_source()
+        super().close()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        e = e.reason if isinstance(e.reason, BaseException) else e
+    return str(e) or type(e).__name__
+
+
+def open_file(url: str, remote: RemoteReads) -> BinaryIO:
+    """A local path or an http(s) / pipe: URL, opened for buffered reading."""
+    if is_url(url):
+        return io.BufferedReader(RemoteFile(url, remote), 1 << 20)
+    return open(url, "rb")
+
+
+def _fetch(url: str, remote: RemoteReads) -> bytes:
     """The bytes of a small file at an http(s) or pipe: URL."""
-    if url.startswith("pipe:"):
-        done = subprocess.run(url[len("pipe:") :], shell=True, capture_output=True, timeout=300)
-        if done.returncode != 0:
-            raise ContractError(f"{url}: exit status {done.returncode}: {done.stderr.decode(errors='replace').strip()[:200]}")
-        return done.stdout
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return response.read()
-    except OSError as e:
-        raise ContractError(f"{url}: {e}") from e
+        with open_file(url, remote) as f:
+            return f.read()
+    except RemoteReadError as e:
+        raise ContractError(str(e)) from None
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split's shards: their paths or URLs and how many samples each holds."""
+    """One split's shards: their paths or URLs, how many samples each holds, the size of the class
+    table their labels index, and how remote shards are read."""
 
     name: str
     urls: tuple[str, ...]
     lengths: tuple[int, ...]
+    num_classes: int
+    remote: RemoteReads = field(default_factory=RemoteReads)
 
     @property
     def num_samples(self) -> int:
@@ -102,6 +242,7 @@ class ShardFolder:
     location: str
     info: dict
     stats: dict
+    remote: RemoteReads = field(default_factory=RemoteReads)
 
     @property
     def classes(self) -> list[ClassInfo]:
@@ -109,10 +250,11 @@ class ShardFolder:
 
     def split(self, name: str) -> Split:
         entry = self.info["splits"][name]
-        return Split(name, tuple(join(self.location, f) for f in entry["filenames"]), tuple(entry["shard_lengths"]))
+        return Split(name, tuple(join(self.location, f) for f in entry["filenames"]), tuple(entry["shard_lengths"]),
+                     len(self.info["classes"]), self.remote)
 
 
-def open_shards(location: str, splits: tuple[str, ...] = ("train", "validation")) -> ShardFolder:
+def open_shards(location: str, splits: tuple[str, ...] = ("train", "validation"), remote: RemoteReads = RemoteReads()) -> ShardFolder:
     """Read and check `_info.json` and `stats.json` of a local folder or a URL prefix; for a local
     folder also check that each shard of `splits` exists with the size `_info.json` records.
     Raises ContractError with one clear line."""
@@ -120,7 +262,7 @@ def open_shards(location: str, splits: tuple[str, ...] = ("train", "validation")
         # Fetch the two small files into a temporary folder, so that the contract's own checks apply.
         with tempfile.TemporaryDirectory(prefix="alextrain-") as tmp:
             for name in (INFO_NAME, STATS_NAME):
-                Path(tmp, name).write_bytes(_fetch(join(location, name)))
+                Path(tmp, name).write_bytes(_fetch(join(location, name), remote))
             try:
                 info, stats = read_info(tmp), read_stats(tmp)
             except ContractError as e:
@@ -129,9 +271,9 @@ def open_shards(location: str, splits: tuple[str, ...] = ("train", "validation")
         if not Path(location).is_dir():
             raise ContractError(f"{location}: no such shard folder; build one with `alexprep build-shards --out {location}`")
         info, stats = read_info(location), read_stats(location)
-    folder = ShardFolder(location, info, stats)
+    folder = ShardFolder(location, info, stats, remote)
     for name in splits:
-        entry = info.get("splits", {}).get(name)
+        entry = info["splits"].get(name)
         if not entry or not entry.get("num_samples"):
             raise ContractError(f"{join(location, INFO_NAME)}: no {name!r} samples")
         if not is_url(location):
@@ -169,8 +311,8 @@ def reader_plan(order: list[int], reader: int, readers: int) -> tuple[list[int],
 
 def worker_batches(steps: int, start: int, worker: int, workers: int) -> tuple[int, int]:
     """(skip, count) for worker `worker` of `workers` on a rank that takes batches start..steps-1.
-    The loader takes batch b from worker b % workers; the worker's j-th batch is batch
-    j * workers + worker. It skips the batches before `start` and yields the rest up to `steps`."""
+    The worker reads the epoch's batches b with b % workers == worker (its j-th batch is batch
+    j * workers + worker); it skips those before `start` and yields the rest up to `steps`."""
     skip = len(range(worker, start, workers))
     return skip, len(range(worker, steps, workers)) - skip
 
@@ -179,40 +321,42 @@ def worker_batches(steps: int, start: int, worker: int, workers: int) -> tuple[i
 # The stages inside one reader
 
 
-RawSample = tuple[str, str, bytes, int]  # (shard url, key, JPEG bytes, label)
+class Sample(NamedTuple):
+    """One sample as read from its shard, not decoded yet."""
+
+    url: str  # the shard's path or URL
+    key: str
+    jpg: bytes
+    label: int
 
 
-def read_shard(url: str, expected: int) -> Iterator[RawSample]:
+def read_shard(url: str, expected: int, num_classes: int, remote: RemoteReads = RemoteReads()) -> Iterator[Sample]:
     """The samples of one shard, in file order, as raw bytes. Raises ShardError naming the shard if it
-    cannot be opened or parsed, if a sample lacks `jpg` or `cls`, or if it holds another number of
-    samples than `_info.json` says (a damaged tar header ends a streamed tar early without an error)."""
+    cannot be opened, read or parsed, if a sample lacks `jpg` or `cls` or its `cls` is not a class index
+    below `num_classes`, or if it holds another number of samples than `_info.json` says (a damaged tar
+    header ends a streamed tar early without an error)."""
     count = 0
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_file(url, remote)
     except OSError as e:
         raise ShardError(f"{url}: cannot open ({e})") from None
     try:
-        key, fields = None, {}
-        # One sample = consecutive tar members with the same key (no dots in keys, by the contract).
-        for member in itertools.chain(tar_file_iterator(stream), [None]):
-            member_key, ext = base_plus_ext(member["fname"]) if member else (None, None)
-            if member_key != key and key is not None:
-                if "jpg" not in fields or "cls" not in fields:
-                    raise ShardError(f"{url}: sample {key} lacks {'jpg' if 'jpg' not in fields else 'cls'}")
-                count += 1
-                yield url, key, fields["jpg"], int(fields["cls"])
-                fields = {}
-            if member is not None:
-                key = member_key
-                fields[ext] = member["data"]
+        for key, fields in iter_samples(stream):
+            if "jpg" not in fields or "cls" not in fields:
+                raise ShardError(f"{url}: sample {key} lacks {'jpg' if 'jpg' not in fields else 'cls'}")
+            label = label_of(fields["cls"], num_classes)
+            if label is None:
+                raise ShardError(f"{url}: sample {key}: cls {fields['cls'][:20]!r} is not a class index below {num_classes}")
+            count += 1
+            yield Sample(url, key, fields["jpg"], label)
     except ShardError:
         raise
-    except Exception as e:  # tarfile.ReadError, OSError from a pipe, ValueError from a bad `cls`...
-        reason = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__
-        raise ShardError(f"{url}: unreadable shard ({reason})") from None
+    except RemoteReadError as e:
+        raise ShardError(str(e)) from None
+    except Exception as e:  # tarfile.ReadError, OSError...
+        raise ShardError(f"{url}: unreadable shard ({str(e) or type(e).__name__})") from None
     finally:
-        # A pipe may report a failed exit status when closed early; a short read is caught below.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, RemoteReadError):
             stream.close()
     if count != expected:
         raise ShardError(f"{url}: {count} samples, {INFO_NAME} says {expected} (truncated or corrupt shard)")
@@ -220,7 +364,7 @@ def read_shard(url: str, expected: int) -> Iterator[RawSample]:
 
 def read_samples(
     split: Split, shards: list[int], stride: int | None, reader: int, *, cycle: bool, rng: random.Random | None = None, buffer: int = 1
-) -> Iterator[RawSample]:
+) -> Iterator[Sample]:
     """The reader's raw samples: one pass over its shards in order, keeping every `stride`-th sample
     if strided; with `rng`, each pass goes through a shuffle buffer of `buffer` samples (drained at
     the end of the pass, so a pass holds each of the reader's samples once); with `cycle`, pass after
@@ -228,7 +372,7 @@ def read_samples(
     while True:
         one_pass = (
             sample
-            for n, sample in enumerate(s for i in shards for s in read_shard(split.urls[i], split.lengths[i]))
+            for n, sample in enumerate(s for i in shards for s in read_shard(split.urls[i], split.lengths[i], split.num_classes, split.remote))
             if stride is None or n % stride == reader
         )
         if rng is not None:
@@ -243,48 +387,15 @@ def read_samples(
             raise ShardError(f"{split.name}: reader {reader} got no samples from {', '.join(split.urls[i] for i in shards)}")
 
 
-def raw_batches(samples: Iterator[RawSample], batch_size: int) -> Iterator[list[RawSample]]:
+def batched(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample]]:
     """Lists of batch_size samples; the last one may be shorter."""
     while batch := list(itertools.islice(samples, batch_size)):
         yield batch
 
 
-def decode_batch(batch: list[RawSample], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw samples -> (uint8 (B, 3, 256, 256) RGB, int64 (B,) labels), decoded on this CPU into
-    out[:B] if given (a channels_last (N >= B, 3, 256, 256) buffer), else into a new tensor."""
-    # channels_last: decode_jpeg's result is an (H, W, 3) buffer viewed as (3, H, W), so copying it into
-    # a channels_last batch is a straight memcpy (into NCHW it is a slow transpose); it is also the
-    # layout the model takes on the GPU.
-    if out is None:
-        out = torch.empty(len(batch), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, memory_format=torch.channels_last)
-    images = out[: len(batch)]
-    for i, (url, key, jpg, _) in enumerate(batch):
-        try:
-            image = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise ShardError(f"{url}: sample {key}: JPEG does not decode ({decode_error_reason(e)})") from None
-        if image.shape != images.shape[1:]:
-            raise ShardError(f"{url}: sample {key}: image is {tuple(image.shape)}, expected (3, {IMAGE_SIZE}, {IMAGE_SIZE})")
-        images[i] = image
-    return images, torch.tensor([label for *_, label in batch], dtype=torch.int64)
-
-
-def decode_error_reason(e: RuntimeError) -> str:
-    """The decoder's own words from a torchvision error ("decode_jpeg, FILE.cpp:171, Invalid JPEG...")."""
-    return str(e).splitlines()[0].split(", ")[-1]
-
-
-def pack_batch(batch: list[RawSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Raw samples -> (uint8 all JPEG bytes end to end, int64 (B,) byte lengths, int64 (B,) labels,
-    shard urls) for decoding on the device."""
-    data = torch.frombuffer(bytearray(b"".join(jpg for _, _, jpg, _ in batch)), dtype=torch.uint8)
-    lengths = torch.tensor([len(jpg) for _, _, jpg, _ in batch], dtype=torch.int64)
-    labels = torch.tensor([label for *_, label in batch], dtype=torch.int64)
-    return data, lengths, labels, sorted({url for url, *_ in batch})
-
-
-class ShardStream(IterableDataset):
-    """One epoch of one split on one rank, as batches; give it to `train.loader.make_loader`.
+class ShardStream:
+    """One epoch of one split on one rank, as batches of raw samples; `train.loader.make_loader` reads
+    and decodes them in worker processes.
 
     train=True: shards shuffled with (seed, epoch), a shuffle buffer, exactly `steps` batches of
     `batch_size` on this rank, of which the first `start` are skipped (resume). train=False: every
@@ -312,34 +423,27 @@ class ShardStream(IterableDataset):
         self.split, self.batch_size, self.train = split, batch_size, train
         self.seed, self.epoch, self.steps, self.start = seed, epoch, steps, start
         self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.decode = shuffle_buffer, decode
+        self.shuffle_buffer = shuffle_buffer
+        self.decode = decode  # where the loader is to decode the JPEGs (train.loader.DECODES)
 
-    def raw_batches(self, worker: int = 0, workers: int = 1) -> Iterator[list[RawSample]]:
-        """The raw batches of loader worker `worker` of `workers` on this rank. A loader takes batch b
-        from worker b % workers (while every worker still has batches), which is the epoch's order."""
-        if self.train:
-            # The loader asks worker 0 first; after a resume at `start` that must be the worker that
-            # owns batch `start`, so worker ids rotate by `start`.
-            worker = (worker + self.start) % workers
-        reader, readers = self.rank * workers + worker, self.world_size * workers
+    def raw_batches(self, turn: int = 0, turns: int = 1) -> Iterator[list[Sample]]:
+        """The batches the loader takes at turn `turn` of `turns` (train/loader.py takes the epoch's
+        batches from its workers in turn). Training: the epoch's batches start + turn, start + turn +
+        turns, ...; they are read by reader (turn + start) % turns, so which reader reads which shards
+        (and with which shuffle seed) does not depend on where the epoch was resumed. Evaluation: the
+        batches of reader `turn`."""
+        worker = (turn + self.start) % turns if self.train else turn
+        reader, readers = self.rank * turns + worker, self.world_size * turns
         order = epoch_order(len(self.split.urls), self.seed, self.epoch, shuffle=self.train)
         shards, stride = reader_plan(order, reader, readers)
         if self.train:
             rng = random.Random(seed_for(self.seed, self.epoch, self.rank, worker))
             samples = read_samples(self.split, shards, stride, reader, cycle=True, rng=rng, buffer=self.shuffle_buffer)
-            skip, count = worker_batches(self.steps, self.start, worker, workers)
-            batches = itertools.islice(raw_batches(samples, self.batch_size), skip, skip + count)
+            skip, count = worker_batches(self.steps, self.start, worker, turns)
+            batches = itertools.islice(batched(samples, self.batch_size), skip, skip + count)
         else:
             samples = read_samples(self.split, shards, stride, reader, cycle=False)
-            batches = raw_batches(samples, self.batch_size)
+            batches = batched(samples, self.batch_size)
         # Closing the reader closes the shard it is in, also when the consumer stops early.
         with contextlib.closing(samples):
             yield from batches
-
-    def __iter__(self):
-        """Batches, in this process or (as an IterableDataset) in a torch DataLoader's workers: decoded,
-        or packed for decoding on the device with decode="gpu"."""
-        info = get_worker_info()
-        to_tensors = pack_batch if self.decode == "gpu" else decode_batch
-        for batch in self.raw_batches(*((info.id, info.num_workers) if info is not None else (0, 1))):
-            yield to_tensors(batch)
