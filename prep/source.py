@@ -1,26 +1,32 @@
 """Where `alexprep` reads images from: the Hub, a local parquet folder, an ILSVRC-2012 tree, or `synthetic`.
 
-A source gives a stable identity string (recorded with the build options), its class table, and per
-split a list of items sorted by key plus random access to each item's raw encoded bytes. Sorting by
-key makes the item list, and so the shard plan built from it, independent of the order files or rows
-were stored in. Sources are opened in the parent process and inherited by forked workers (Arrow
-tables are memory-mapped, folder sources hold paths), so reading is fork-safe.
+Every split is a sequence of rows numbered 0..N-1, cut into parts that are read whole or in units:
+- parquet (local folder or Hub repo): one part per `data/{split}-*.parquet` file, files in name order,
+  rows in file order; a unit is a row group. Row counts come from the parquet footers alone, so the
+  build knows every row's place before it reads any image. Rows stream by as the files are read.
+- listed sources (ILSVRC tree, synthetic): items sorted by key, parts of `LIST_PART_ROWS` items, one
+  row per unit; a worker reads an item's bytes itself (`Source.read`).
 
-This is the only module that imports `datasets` and `huggingface_hub`, and only when a Hub or parquet
-source is opened. The Hub token is handed to those libraries and never printed or stored.
+A source gives a stable identity string, its class table, a digest of what it holds (recorded with the
+build, so a resumed build refuses changed inputs) and per split its parts. Parquet rows are read with
+pyarrow straight from the files: no `datasets` Arrow copy. `datasets` is used for one thing, reading
+the ClassLabel names from the parquet schema metadata. The Hub side (listing, footers, downloads,
+ranged reads) is prep/fetch.py; the token is handed to `huggingface_hub` and never printed or stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 from prep.contract import SPLITS, ClassInfo, imagenet_classes
 
 HUB_ID = "ILSVRC/imagenet-1k"
 SYNTHETIC = "synthetic"
+LIST_PART_ROWS = 256  # listed items per part: how often a build over a tree or synthetic commits its progress
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 # Split name -> folder names an ILSVRC-2012 style tree may use for it, in order of preference.
@@ -36,12 +42,40 @@ class Item(NamedTuple):
     label: int  # class index into Source.classes
 
 
-@dataclass(frozen=True)
-class SplitReader:
-    """One split of a source: `items` sorted by key, and `read(i)` -> raw bytes of `items[i]`."""
+class Row(NamedTuple):
+    """One input as the build streams it: `data` None means a worker reads it (`Source.read`)."""
 
-    items: list[Item]
-    read: Callable[[int], bytes]
+    key: str
+    label: int
+    data: bytes | None
+    skip: str | None = None  # the row cannot become a sample, and why
+
+
+@dataclass(frozen=True)
+class Part:
+    """Consecutive rows of a split, read together: one parquet file, or a block of listed items."""
+
+    name: str  # "data/train-00003-of-00024.parquet", or "items 256-511"
+    units: tuple[int, ...]  # rows per unit (a parquet row group; one listed item), in row order
+    size: int = 0  # bytes of the parquet file (0 for listed items)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.units)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: its parts in row order and, for listed sources, its items."""
+
+    name: str
+    parts: list[Part]
+    items: list[Item] | None = None  # listed sources: row i is items[i]
+    read_item: Callable[[int], bytes] | None = None  # listed sources: row -> raw bytes
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.num_rows for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -51,13 +85,34 @@ class Source:
     identity: str  # e.g. "ILSVRC/imagenet-1k", "synthetic", "parquet:/abs/folder", "folder:/abs/folder"
     name: str  # dataset name for _info.json
     classes: list[ClassInfo]
-    splits: dict[str, SplitReader]
+    splits: dict[str, Split]
+    store: object | None = None  # prep.fetch store of a parquet source (local folder or Hub repo)
+
+    def split(self, name: str) -> Split:
+        return self.splits[name]
 
     def items(self, split: str) -> list[Item]:
+        """A listed source's items, sorted by key."""
         return self.splits[split].items
 
-    def read(self, split: str, index: int) -> bytes:
-        return self.splits[split].read(index)
+    def read(self, split: str, row: int) -> bytes:
+        """A listed source's raw bytes of row `row`."""
+        return self.splits[split].read_item(row)
+
+    def digest(self) -> dict[str, str]:
+        """Per split, a sha256 of what decides the rows: item keys and labels, or files and row groups."""
+        out = {}
+        for name, split in self.splits.items():
+            h = hashlib.sha256()
+            if split.items is not None:
+                for key, label in split.items:
+                    h.update(f"{key}\t{label}\n".encode("utf-8"))
+            else:
+                h.update("\n".join(c.wnid for c in self.classes).encode("utf-8"))
+                for part in split.parts:
+                    h.update(f"\n{part.name}\t{part.size}\t{','.join(map(str, part.units))}".encode("utf-8"))
+            out[name] = h.hexdigest()
+        return out
 
 
 def open_source(spec: str, splits: tuple[str, ...] = SPLITS, per_class: Mapping[str, int] | None = None) -> Source:
@@ -65,7 +120,7 @@ def open_source(spec: str, splits: tuple[str, ...] = SPLITS, per_class: Mapping[
 
     `spec`: "synthetic", a local folder (parquet files under data/, or an ILSVRC-2012 tree with
     train/ and val/ or validation/ class folders), or a Hub dataset id such as "ILSVRC/imagenet-1k".
-    `per_class` (synthetic only): images per class for each split.
+    `per_class` (synthetic only): images per class for each split. Nothing is written anywhere.
     """
     if per_class and spec != SYNTHETIC:
         raise SourceError(f"per-class counts apply only to the synthetic source, not to {spec!r}")
@@ -74,12 +129,17 @@ def open_source(spec: str, splits: tuple[str, ...] = SPLITS, per_class: Mapping[
     path = Path(spec).expanduser()
     if path.is_dir():
         if sorted((path / "data").glob("*.parquet")):
-            return _open_parquet(path.resolve(), splits)
+            from prep.fetch import LocalStore
+
+            root = path.resolve()
+            return _open_parquet(LocalStore(root), f"parquet:{root}", root.name, splits, f"--source {root}")
         return _open_tree(path.resolve(), splits)
     if path.exists():
         raise SourceError(f"--source {spec}: not a folder")
     if _HUB_ID_RE.match(spec) and not spec.startswith((".", "~")):
-        return _open_hub(spec, splits)
+        from prep.fetch import HubStore
+
+        return _open_parquet(HubStore.open(spec), spec, spec.split("/")[-1], splits, spec)
     raise SourceError(f"--source {spec}: no such folder, and not 'synthetic' or a Hub dataset id like {HUB_ID}")
 
 
@@ -101,12 +161,19 @@ def _sorted_items(keys: list[str], fallback: list[str], labels: list[int], where
     return [Item(keys[i], labels[i]) for i in order], order
 
 
-def _require(found: dict[str, SplitReader], splits: tuple[str, ...], where: str) -> None:
+def _listed_split(name: str, items: list[Item], read_item: Callable[[int], bytes]) -> Split:
+    parts = [Part(f"items {start}-{min(start + LIST_PART_ROWS, len(items)) - 1}",
+                  (1,) * min(LIST_PART_ROWS, len(items) - start))
+             for start in range(0, len(items), LIST_PART_ROWS)]
+    return Split(name, parts, items, read_item)
+
+
+def _require(found: dict[str, Split], splits: tuple[str, ...], where: str) -> None:
     for split in splits:
         if split not in found:
             present = ",".join(found) or "none"
             raise SourceError(f"{where} has no {split} split (it has: {present}); choose others with --splits")
-        if not found[split].items:
+        if not found[split].num_rows:
             raise SourceError(f"{where}: the {split} split holds no images")
 
 
@@ -116,7 +183,7 @@ def _open_synthetic(splits: tuple[str, ...], per_class: Mapping[str, int]) -> So
     readers = {}
     for split in splits:
         items = [Item(key, label) for key, label in synthetic.items(split, per_class=per_class.get(split))]
-        readers[split] = SplitReader(items, lambda i, items=items: synthetic.image_bytes(*items[i]))
+        readers[split] = _listed_split(split, items, lambda i, items=items: synthetic.image_bytes(*items[i]))
     return Source(SYNTHETIC, SYNTHETIC, list(synthetic.CLASSES), readers)
 
 
@@ -162,35 +229,9 @@ def _open_tree(root: Path, splits: tuple[str, ...]) -> Source:
         fallback = [safe_key(f"{p.parent.name}_{p.name}") for p in paths]
         items, order = _sorted_items(keys, fallback, labels, str(split_dirs[split]))
         ordered = [paths[i] for i in order]
-        readers[split] = SplitReader(items, lambda i, ordered=ordered: ordered[i].read_bytes())
+        readers[split] = _listed_split(split, items, lambda i, ordered=ordered: ordered[i].read_bytes())
     _require(readers, splits, f"--source {root}")
     return Source(f"folder:{root}", root.name, classes, readers)
-
-
-def _arrow_split(ds, split: str, num_classes: int, where: str) -> SplitReader:
-    """A `datasets.Dataset` with columns image {bytes, path} and label -> SplitReader over raw bytes.
-
-    Reads its memory-mapped Arrow table directly: the stored bytes, with no decoding by `datasets`.
-    """
-    column = ds.data.column("image")  # a pyarrow ChunkedArray of struct<bytes, path>
-    # Only the path child of the struct column is read here, not the image bytes.
-    paths = [p for chunk in column.chunks for p in chunk.field("path").to_pylist()]
-    labels = ds.data.column("label").to_pylist()
-    bad = next((i for i, label in enumerate(labels) if label is None or not 0 <= label < num_classes), None)
-    if bad is not None:
-        raise SourceError(f"{where}: row {bad} of the {split} split has label {labels[bad]!r}, not a class index")
-    keys = [safe_key(PurePath(p).stem) if p else f"{split}_{i:08d}" for i, p in enumerate(paths)]
-    items, rows = _sorted_items(keys, [f"{split}_{i:08d}" for i in range(len(paths))], labels, where)
-
-    def read(i: int) -> bytes:
-        image = column[rows[i]].as_py()
-        if image["bytes"] is not None:
-            return image["bytes"]
-        # A row may point at a file instead of embedding it; a missing file reads as empty (skipped).
-        path = Path(image["path"] or "")
-        return path.read_bytes() if path.is_file() else b""
-
-    return SplitReader(items, read)
 
 
 def _is_imagenet(names: list[str], canonical: list[ClassInfo]) -> bool:
@@ -204,62 +245,62 @@ def _is_imagenet(names: list[str], canonical: list[ClassInfo]) -> bool:
     return names == [c.wnid for c in canonical] or sum(a == c.name for a, c in zip(names, canonical)) >= 990
 
 
-def _arrow_source(identity: str, name: str, dsets: Mapping, splits: tuple[str, ...], where: str) -> Source:
-    """Source over `datasets` splits; ImageNet-1k's ClassLabel (see _is_imagenet) gets the canonical table."""
+def _label_names(schema, where: str) -> list[str]:
+    """The ClassLabel names of a parquet file's `label` column, from the `datasets` schema metadata."""
     import datasets
 
+    try:
+        features = datasets.Features.from_arrow_schema(schema)
+    except (TypeError, ValueError, KeyError) as e:
+        raise SourceError(f"{where}: unreadable column description ({e})") from None
+    if not (isinstance(features.get("image"), datasets.Image) and isinstance(features.get("label"), datasets.ClassLabel)):
+        raise SourceError(f"{where} needs an Image 'image' column and a ClassLabel 'label' column")
+    return list(features["label"].names)
+
+
+def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], where: str) -> Source:
+    """`data/{split}-*.parquet` files of `store` (prep.fetch), described from their footers alone."""
     names = None
+    readers = {}
     for split in splits:
-        if split not in dsets:
-            continue
-        ds = dsets[split]
-        if not (isinstance(ds.features.get("image"), datasets.Image)
-                and isinstance(ds.features.get("label"), datasets.ClassLabel)):
-            raise SourceError(f"{where}: the {split} split needs an Image 'image' column and a ClassLabel "
-                              f"'label' column")
-        if names is not None and ds.features["label"].names != names:
-            raise SourceError(f"{where}: the splits have different class names")
-        names = ds.features["label"].names
+        files = store.files(split)
+        if not files:
+            raise SourceError(f"{where}: no data/{split}-*.parquet files; choose others with --splits")
+        parts = []
+        for path, size in files:
+            meta = store.footer(path, size)
+            file_names = _label_names(meta.schema.to_arrow_schema(), f"{where}: {path}")
+            if names is not None and file_names != names:
+                raise SourceError(f"{where}: {path} has other class names than {files[0][0]}")
+            names = file_names
+            parts.append(Part(path, tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)), size))
+        readers[split] = Split(split, parts)
     canonical = imagenet_classes()
-    if names is not None and _is_imagenet(names, canonical):
+    if _is_imagenet(names, canonical):
         classes = canonical
     else:
-        classes = [ClassInfo(i, name, name) for i, name in enumerate(names or [])]
-    readers = {split: _arrow_split(dsets[split], split, len(classes), where) for split in splits if split in dsets}
+        classes = [ClassInfo(i, n, n) for i, n in enumerate(names)]
     _require(readers, splits, where)
-    return Source(identity, name, classes, readers)
+    return Source(identity, name, classes, readers, store)
 
 
-def _open_parquet(root: Path, splits: tuple[str, ...]) -> Source:
-    """`data/{split}-*.parquet` as written by the Hub's parquet conversion, read with `datasets`."""
-    import datasets
+def parquet_rows(table, split: str, first_row: int, num_classes: int) -> Iterator[Row]:
+    """Rows of a pyarrow table with columns image {bytes, path} and label; `first_row`: row number of its first row.
 
-    files = {split: [str(p) for p in sorted((root / "data").glob(f"{split}-*.parquet"))] for split in splits}
-    missing = [split for split, found in files.items() if not found]
-    if missing:
-        raise SourceError(f"--source {root}: no data/{missing[0]}-*.parquet files; choose others with --splits")
-    dsets = datasets.load_dataset("parquet", data_files=files)
-    return _arrow_source(f"parquet:{root}", root.name, dsets, splits, f"--source {root}")
-
-
-def _open_hub(repo_id: str, splits: tuple[str, ...]) -> Source:
-    """The gated Hub dataset through `datasets.load_dataset`, with the token from the usual places."""
-    import datasets
-    import huggingface_hub
-
-    terms = (f"accept the terms at https://huggingface.co/datasets/{repo_id}, then run `hf auth login` or set "
-             f"HF_TOKEN; or pass a local --source (a folder of its parquet files or an ILSVRC-2012 tree)")
-    token = huggingface_hub.get_token()
-    if token is None:
-        raise SourceError(f"no Hugging Face token for the gated dataset {repo_id}: {terms}")
-    try:
-        if not huggingface_hub.constants.HF_HUB_OFFLINE:
-            # A quick access check first: load_dataset itself retries for ~25 s before it gives up.
-            huggingface_hub.auth_check(repo_id, repo_type="dataset", token=token)
-        # Only the splits asked for (the Hub's layout is data/{split}-*.parquet): not the 13 GB test split.
-        dsets = datasets.load_dataset(repo_id, data_files={s: f"data/{s}-*.parquet" for s in splits}, token=token)
-    except Exception as e:  # network, auth and gating errors come from three libraries with no common base
-        first_line = (str(e).strip().splitlines() or [""])[0].replace(token, "***")
-        raise SourceError(f"cannot load {repo_id} from the Hugging Face Hub ({type(e).__name__}: {first_line}): "
-                          f"check the network and your access; {terms}") from None
-    return _arrow_source(repo_id, repo_id.split("/")[-1], dsets, splits, repo_id)
+    The key is the safe stem of image.path, or `{split}_{row:08d}` where the path is missing. A row
+    without embedded bytes is skipped: a path alone would point at a file on somebody else's disk.
+    """
+    image = table.column("image").combine_chunks()
+    datas = image.field("bytes").to_pylist()
+    paths = image.field("path").to_pylist()
+    labels = table.column("label").to_pylist()
+    for i, (data, path, label) in enumerate(zip(datas, paths, labels)):
+        row = first_row + i
+        key = safe_key(PurePath(path).stem) if path else ""
+        key = key or f"{split}_{row:08d}"
+        if label is None or not 0 <= label < num_classes:
+            yield Row(key, -1, None, f"label {label!r} is not a class index")
+        elif not data:
+            yield Row(key, label, None, "no image bytes in the row")
+        else:
+            yield Row(key, label, data)

@@ -38,18 +38,33 @@ def read_tar(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
 
 
 def test_plan_is_a_seeded_permutation_cut_into_shards():
-    plans = plan_split(103, "train", seed=5, shard_size=25, limit=None)
-    assert [p.filename for p in plans] == [shard_name("train", k) for k in range(5)]
-    assert [len(p.items) for p in plans] == [25, 25, 25, 25, 3]
-    order = np.concatenate([p.items for p in plans])
+    plan = plan_split(103, "train", seed=5, shard_size=25, limit=None)
+    assert plan.num_shards == 5 and [plan.filename(k) for k in range(5)] == [shard_name("train", k) for k in range(5)]
+    assert [len(plan.shard(k)) for k in range(5)] == [25, 25, 25, 25, 3]
+    order = np.concatenate([plan.shard(k) for k in range(5)])
+    assert order.tolist() == plan.rows.tolist()
     assert sorted(order.tolist()) == list(range(103)) and order.tolist() != list(range(103))
-    again = np.concatenate([p.items for p in plan_split(103, "train", 5, 25, None)])
-    assert order.tolist() == again.tolist()
-    other_split = np.concatenate([p.items for p in plan_split(103, "validation", 5, 25, None)])
-    other_seed = np.concatenate([p.items for p in plan_split(103, "train", 6, 25, None)])
-    assert order.tolist() != other_split.tolist() and order.tolist() != other_seed.tolist()
-    limited = plan_split(103, "train", 5, 25, limit=30)
-    assert [p.items.tolist() for p in limited] == [order[:25].tolist(), order[25:30].tolist()]
+    assert plan.read.all()
+    assert order.tolist() == plan_split(103, "train", 5, 25, None).rows.tolist()
+    assert order.tolist() != plan_split(103, "validation", 5, 25, None).rows.tolist()
+    assert order.tolist() != plan_split(103, "train", 6, 25, None).rows.tolist()
+
+
+def test_limit_takes_whole_units_in_a_seeded_order():
+    units = [10] * 12  # 120 rows in row groups of 10
+    plan = plan_split(units, "train", seed=3, shard_size=8, limit=25)
+    rows = plan.rows.tolist()
+    assert len(rows) == 25 and len(set(rows)) == 25
+    # Three row groups are read: two whole, the third cut short after its first 5 rows.
+    assert plan.read.sum() == 3
+    read = np.flatnonzero(plan.read)
+    groups = {r // 10 for r in rows}
+    assert groups == set(read.tolist())
+    assert sorted(sum(r // 10 == g for r in rows) for g in groups) == [5, 10, 10]
+    assert rows != sorted(rows)  # still permuted across the shards
+    assert rows == plan_split(units, "train", 3, 8, 25).rows.tolist()
+    assert plan_split(units, "train", 4, 8, 25).read.tolist() != plan.read.tolist()
+    assert plan_split(units, "train", 3, 8, 500).read.all()  # a limit above the total keeps everything
 
 
 def test_config_rejects_bad_options():
@@ -67,11 +82,12 @@ def test_config_rejects_bad_options():
 def test_shards_follow_the_seeded_plan_with_deterministic_headers(demo_shards):
     for split in SPLITS:
         items = synthetic.items(split, per_class=DEMO_PER_CLASS[split])
-        plans = plan_split(len(items), split, seed=0, shard_size=DEMO_SHARD_SIZE, limit=None)
-        assert sorted(p.name for p in demo_shards.glob(f"{split}-*.tar")) == [p.filename for p in plans]
-        for plan in plans:
-            members = read_tar(demo_shards / plan.filename)
-            expected = [items[i] for i in plan.items]  # nothing is skipped in the synthetic set
+        plan = plan_split(len(items), split, seed=0, shard_size=DEMO_SHARD_SIZE, limit=None)
+        names = [plan.filename(k) for k in range(plan.num_shards)]
+        assert sorted(p.name for p in demo_shards.glob(f"{split}-*.tar")) == names
+        for k, name in enumerate(names):
+            members = read_tar(demo_shards / name)
+            expected = [items[i] for i in plan.shard(k)]  # nothing is skipped in the synthetic set
             assert [m.name for m, _ in members] == [f"{key}.{ext}" for key, _ in expected for ext in FIELDS]
             for m, _ in members:
                 header = (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type)
@@ -136,11 +152,17 @@ def test_seed_and_limit_choose_order_and_subset(tmp_path):
         assert keys(tmp_path / "seed0", split) != keys(tmp_path / "seed1", split)
     assert base["splits"]["train"]["shard_lengths"] == other["splits"]["train"]["shard_lengths"]
 
+    # A listed source's units are single items: --limit keeps a seeded random subset, in its own order.
     limited = build_shards(tmp_path / "limit", workers=2, limit=11, **SMALL)
+    again = build_shards(tmp_path / "limit-again", workers=1, limit=11, **SMALL)
     for split in SPLITS:
         assert limited["splits"][split]["num_inputs"] == 11
-        assert keys(tmp_path / "limit", split) == keys(tmp_path / "seed0", split)[:11]
-    assert limited["options"]["limit"] == 11
+        subset = keys(tmp_path / "limit", split)
+        assert len(set(subset)) == 11 and set(subset) < set(keys(tmp_path / "seed0", split))
+        assert subset == keys(tmp_path / "limit-again", split)
+    train = keys(tmp_path / "limit", "train")
+    assert len({key.split("_")[0] for key in train}) >= 5  # classes mixed: a synthetic train key starts with its class
+    assert limited["options"]["limit"] == 11 and limited == again
 
 
 def test_resume_redoes_only_unfinished_shards_and_matches(tmp_path):
@@ -154,8 +176,8 @@ def test_resume_redoes_only_unfinished_shards_and_matches(tmp_path):
     (resumed / BUILD_DIR / "validation-000001.json").unlink()
     with open(resumed / "train-000005.tar", "r+b") as f:
         f.truncate(1000)
-    (resumed / ".tmp-train-000006.tar.x1y2").write_bytes(b"partial")
-    (resumed / BUILD_DIR / ".tmp-train-000006.json.x1y2").write_bytes(b"{")
+    (resumed / BUILD_DIR / "tmp" / "train-000006.tar.x1y2").write_bytes(b"partial")
+    (resumed / BUILD_DIR / "tmp" / "train-000006.json.x1y2").write_bytes(b"{")
     (resumed / INFO_NAME).unlink()
     (resumed / STATS_NAME).unlink()
     untouched = {p.name: p.stat().st_mtime_ns for p in resumed.glob("*.tar")
@@ -180,7 +202,7 @@ def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "train-000000.tar").write_bytes(b"")
-    with pytest.raises(BuildError, match="already holds shards that this build did not start"):
+    with pytest.raises(BuildError, match="holds files that no alexprep build made here"):
         build_shards(foreign, workers=1, **SMALL)
 
 
@@ -217,7 +239,8 @@ def test_quirks_are_converted_or_skipped_with_their_reason(tmp_path):
 
 
 ALEXPREP = str(Path(sys.executable).with_name("alexprep"))  # the console script installed beside this Python
-KILL_ARGS = ["--source", "synthetic", "--per-class", "train=12", "--per-class", "validation=4", "--shard-size", "8",
+# 300 train rows: two parts of a listed source (LIST_PART_ROWS = 256), so a kill can fall between commits.
+KILL_ARGS = ["--source", "synthetic", "--per-class", "train=30", "--per-class", "validation=4", "--shard-size", "8",
              "--workers", "2", "--no-progress"]
 
 
@@ -247,9 +270,10 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_same_bytes(tmp_path):
     assert done.returncode == 0, done.stderr
     expected = folder_bytes(reference)
     tars = {name: data for name, data in expected.items() if name.endswith(".tar")}
-    assert len(tars) == 20  # 15 train + 5 validation shards
+    assert len(tars) == 43  # 38 train + 5 validation shards
 
     for moment, ready in [("very early", lambda out: (out / BUILD_DIR / "options.json").exists()),
+                          ("after a commit", lambda out: (out / BUILD_DIR / "train.log.json").exists()),
                           ("mid-build", lambda out: len(list((out / BUILD_DIR).glob("train-*.json"))) >= 5)]:
         out = tmp_path / moment.replace(" ", "-")
         kill_when(alexprep("build-shards", "--out", str(out), *KILL_ARGS), lambda: ready(out))
