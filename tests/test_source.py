@@ -1,4 +1,4 @@
-"""Sources: synthetic, a local parquet folder (through the real `datasets` code), an ILSVRC-style tree.
+"""Sources: synthetic, a local parquet folder (pyarrow straight from the files), an ILSVRC-style tree.
 
 The Hub source's error paths (no token, no network) are tested on the real `alexprep` command in
 test_cli_prep.py, where the Hugging Face environment can be set before the libraries load.
@@ -10,13 +10,14 @@ import io
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from prep import synthetic
 from prep.build import build_shards
 from prep.contract import imagenet_classes
-from prep.source import Item, SourceError, open_source, safe_key
+from prep.source import Item, SourceError, open_source, parquet_rows, safe_key
 
 CANONICAL = imagenet_classes()
 
@@ -29,7 +30,7 @@ def jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> byte
 
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch) -> Path:
-    """`datasets` writes its Arrow cache here instead of the user's cache."""
+    """Where `datasets` would write an Arrow cache (the old build did); the build must leave it absent."""
     cache = tmp_path / "hf-datasets-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache
@@ -45,7 +46,20 @@ def write_parquet(root: Path, split: str, rows: list[tuple[str | None, bytes, in
     ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
 
 
-def read_all(source, split: str) -> dict[str, tuple[int, bytes]]:
+def read_all(source, split: str) -> list[tuple[str, int, bytes]]:
+    """(key, label, bytes) of every row of a parquet source, in row order, read group by group."""
+    out, first = [], 0
+    for part in source.split(split).parts:
+        pf = source.store.parquet(part.name)
+        for group, n in enumerate(part.units):
+            table = pf.read_row_group(group, columns=["image", "label"])
+            out += [(r.key, r.label, r.data) for r in parquet_rows(table, split, first, len(source.classes))]
+            first += n
+    return out
+
+
+def read_items(source, split: str) -> dict[str, tuple[int, bytes]]:
+    """A listed source's items by key: (label, bytes)."""
     return {item.key: (item.label, source.read(split, i)) for i, item in enumerate(source.items(split))}
 
 
@@ -71,7 +85,7 @@ def test_per_class_is_refused_for_other_sources(tmp_path):
         open_source(str(tmp_path), ("train",), {"train": 3})
 
 
-def test_parquet_folder_through_datasets(tmp_path, hf_cache):
+def test_parquet_folder_read_directly_from_its_footers_and_row_groups(tmp_path, hf_cache):
     names = ["cat", "dog", "owl"]
     train = [("n9_3.JPEG", jpeg((200, 0, 0)), 2), ("a/b/n9_1.JPEG", jpeg((0, 200, 0)), 0),
              ("img.with.dots.png", jpeg((0, 0, 200)), 1), (None, jpeg((9, 9, 9)), 1)]
@@ -83,13 +97,16 @@ def test_parquet_folder_through_datasets(tmp_path, hf_cache):
     assert source.identity == f"parquet:{tmp_path.resolve()}"
     assert [(c.index, c.wnid, c.name) for c in source.classes] == [(0, "cat", "cat"), (1, "dog", "dog"),
                                                                    (2, "owl", "owl")]
+    [part] = source.split("train").parts
+    assert (part.name, part.units) == ("data/train-00000-of-00001.parquet", (4,))
+    assert part.size == (tmp_path / part.name).stat().st_size
     # Keys: the stem of image.path (dots made safe), or split + row number where the path is missing;
-    # items sorted by key, each reading back the exact bytes stored in its row.
-    assert read_all(source, "train") == {"n9_3": (2, train[0][1]), "n9_1": (0, train[1][1]),
-                                         "img_with_dots": (1, train[2][1]), "train_00000003": (1, train[3][1])}
-    assert [item.key for item in source.items("train")] == ["img_with_dots", "n9_1", "n9_3", "train_00000003"]
-    assert read_all(source, "validation") == {"v_1": (2, validation[1][1]), "v_2": (0, validation[0][1])}
-    assert hf_cache.is_dir()  # the Arrow copy went to the cache, not next to the parquet files
+    # rows in file order, each with the exact bytes stored in it.
+    assert read_all(source, "train") == [("n9_3", 2, train[0][1]), ("n9_1", 0, train[1][1]),
+                                         ("img_with_dots", 1, train[2][1]), ("train_00000003", 1, train[3][1])]
+    assert read_all(source, "validation") == [("v_2", 0, validation[0][1]), ("v_1", 2, validation[1][1])]
+    build_shards(tmp_path / "out", source=str(tmp_path), shard_size=3, workers=1)
+    assert not hf_cache.exists()  # no Arrow copy anywhere: the parquet files are read in place
 
 
 def test_parquet_source_builds_the_same_shards_in_forked_workers(tmp_path, hf_cache):
@@ -104,11 +121,17 @@ def test_parquet_source_builds_the_same_shards_in_forked_workers(tmp_path, hf_ca
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
-def test_parquet_duplicate_stems_fall_back_to_row_keys(tmp_path, hf_cache):
-    rows = [("x/a.JPEG", jpeg((1, 1, 1)), 0), ("y/a.JPEG", jpeg((2, 2, 2)), 0)]
+def test_parquet_duplicate_keys_bad_labels_and_missing_bytes_are_recorded_skips(tmp_path, hf_cache):
+    rows = [("x/a.JPEG", jpeg((1, 1, 1)), 0), ("y/a.JPEG", jpeg((2, 2, 2)), 0), ("b.JPEG", jpeg((3, 3, 3)), 0)]
     write_parquet(tmp_path, "train", rows, ["only"])
-    source = open_source(str(tmp_path), ("train",))
-    assert read_all(source, "train") == {"train_00000000": (0, rows[0][1]), "train_00000001": (0, rows[1][1])}
+    info = build_shards(tmp_path / "out", source=str(tmp_path), splits=("train",), shard_size=8, workers=1)
+    entry = info["splits"]["train"]
+    assert entry["num_inputs"] == 3 and entry["num_samples"] == 2
+    assert entry["skipped"] == [{"key": "a", "reason": "duplicate key: an earlier input of this split has the same "
+                                                       "image path stem"}]
+    assert [r.skip for r in parquet_rows(pa.table({
+        "image": [{"bytes": None, "path": "c.JPEG"}, {"bytes": jpeg((1, 1, 1)), "path": "d.JPEG"}],
+        "label": [0, -1]}), "train", 0, 1)] == ["no image bytes in the row", "label -1 is not a class index"]
 
 
 def imagenet_label_names() -> list[str]:
@@ -127,7 +150,7 @@ def test_parquet_with_imagenet_classes_gets_the_canonical_table(tmp_path, hf_cac
     write_parquet(tmp_path, "train", rows, names)
     source = open_source(str(tmp_path), ("train",))
     assert source.classes == CANONICAL
-    assert source.items("train") == [Item("n01440764_7", 517), Item("n01443537_1", 1)]
+    assert [(key, label) for key, label, _ in read_all(source, "train")] == [("n01443537_1", 1), ("n01440764_7", 517)]
 
 
 def test_parquet_with_other_1000_names_keeps_them(tmp_path, hf_cache):
@@ -138,12 +161,13 @@ def test_parquet_with_other_1000_names_keeps_them(tmp_path, hf_cache):
                                                                        (999, "class 999", "class 999")]
 
 
-def test_parquet_missing_split_and_bad_label_are_one_line_errors(tmp_path, hf_cache):
+def test_parquet_missing_split_and_corrupt_file_are_one_line_errors(tmp_path, hf_cache):
     write_parquet(tmp_path / "a", "train", [("k.JPEG", jpeg((1, 1, 1)), 0)], ["x"])
     with pytest.raises(SourceError, match=r"no data/validation-\*\.parquet files; choose others with --splits"):
         open_source(str(tmp_path / "a"))
-    write_parquet(tmp_path / "b", "train", [("k.JPEG", jpeg((1, 1, 1)), -1)], ["x"])  # like the Hub's test split
-    with pytest.raises(SourceError, match="row 0 of the train split has label -1"):
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    (tmp_path / "b" / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(SourceError, match=r"train-00000-of-00001.parquet: not a readable parquet file"):
         open_source(str(tmp_path / "b"), ("train",))
 
 
@@ -174,11 +198,11 @@ def test_ilsvrc_tree_with_wnid_folders_gets_canonical_indices(tmp_path, val_fold
     source = open_source(str(tmp_path))
     assert source.identity == f"folder:{tmp_path.resolve()}" and source.name == tmp_path.name
     assert source.classes == CANONICAL  # n01440764 = 0 tench, n01443537 = 1 goldfish, n01530575 = 10
-    assert read_all(source, "train") == {"n01440764_5": (0, files["train/n01440764/n01440764_5.JPEG"]),
+    assert read_items(source, "train") == {"n01440764_5": (0, files["train/n01440764/n01440764_5.JPEG"]),
                                          "n01443537_10": (1, files["train/n01443537/n01443537_10.JPEG"]),
                                          "n01443537_2": (1, files["train/n01443537/n01443537_2.JPEG"])}
     assert [i.key for i in source.items("train")] == ["n01440764_5", "n01443537_10", "n01443537_2"]
-    assert read_all(source, "validation") == {
+    assert read_items(source, "validation") == {
         "ILSVRC2012_val_00000001": (10, files[f"{val_folder}/n01530575/ILSVRC2012_val_00000001.JPEG"]),
         "ILSVRC2012_val_00000002": (0, files[f"{val_folder}/n01440764/ILSVRC2012_val_00000002.JPEG"])}
 
