@@ -160,6 +160,22 @@ def test_metrics_that_cannot_be_read(trained_run, tmp_path):
     assert not (run / REPORT_NAME).exists()
 
 
+def test_a_torn_last_line_is_left_out_whatever_bytes_it_holds(tmp_path):
+    """A killed run's last line may end anywhere, with any bytes the file system left (resume drops it
+    too); a broken line that ends in a newline is still an error."""
+    start = {"kind": "start", "global_step": 0, "steps_per_epoch": 2}
+    step = {"kind": "train_step", "epoch": 1, "step": 1, "global_step": 1, "loss": 2.0, "lr": 0.01, "images": 8,
+            "images_per_s": 4.0, "data_wait": 0.25}
+    whole = (json.dumps(start) + "\n" + json.dumps(step) + "\n").encode()
+    for torn in (b'{"kind": "train_st', b'{"kind": "tr\xff\xfe\x80', b"\x00" * 300):
+        (tmp_path / "metrics.jsonl").write_bytes(whole + torn)
+        summary = run_summary(tmp_path)
+        assert (summary["steps"], summary["images"], summary["data_wait"]) == (1, 8, 0.25)
+    (tmp_path / "metrics.jsonl").write_bytes(whole + b"\xff{oops\n" + json.dumps(step).encode() + b"\n")
+    with pytest.raises(ReportError, match=r"metrics.jsonl: line 3 is not a metrics record: '\ufffd\{oops'$"):
+        run_summary(tmp_path)
+
+
 @pytest.mark.slow
 def test_summary_of_a_run_killed_in_its_first_epoch(trained_run, tmp_path):
     """Steps but no epoch record yet: the numbers so far, and no best epoch."""

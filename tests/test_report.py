@@ -396,3 +396,13 @@ def test_verify_in_processes_finds_the_same(folder):
     small_image(folder)
     assert verify_folder(folder, workers=2) == verify_folder(folder, workers=1)
     assert len(verify_folder(folder, workers=2)) == 4
+
+
+def test_verify_refuses_stats_with_std_0(folder):
+    edit_stats = {**STATS, "std": [0.25, 0.0, 0.26]}
+    write_json(folder / STATS_NAME, edit_stats)
+    result = CliRunner().invoke(verify_cmd, [str(folder)])
+    assert (result.exit_code, result.output.splitlines()) == (1, [
+        f"{folder / STATS_NAME}: std [0.25, 0.0, 0.26] has a channel without spread (std must be above 0)",
+        "verified 3 shards, 12 samples: 1 problem",
+    ])

@@ -6,18 +6,21 @@ shows at once.
 """
 
 import functools
+import hashlib
 import http.server
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from grey_shards import check_pixels, jpeg_of, write_folder
+from grey_shards import check_pixels, jpeg_of, write_folder, write_tar
 from prep.contract import ContractError
 from train.loader import DeviceLoader, make_loader
-from train.stream import ShardError, ShardStream, epoch_order, join, open_shards, read_shard, reader_plan, worker_batches
+from train.stream import RemoteReads, ShardError, ShardStream, epoch_order, join, open_shards, read_shard, reader_plan, worker_batches
 
 CPU = torch.device("cpu")
 
@@ -170,8 +173,8 @@ def test_pipe_url_prefix_reads_like_the_folder(folder):
     local = collect(ShardStream(open_shards(str(folder)).split("validation"), 4, train=False), 0)
     remote = collect(ShardStream(shards.split("validation"), 4, train=False), 0)
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(local, remote))
-    with pytest.raises(ContractError, match="exit status"):
-        open_shards(f"pipe:cat {folder}/missing/{{}}")
+    with pytest.raises(ContractError, match=r"exit status 1: .*No such file or directory \(2 tries\)$"):
+        open_shards(f"pipe:cat {folder}/missing/{{}}", remote=RemoteReads(retries=1, backoff=0))
 
 
 def test_http_url_prefix_reads_like_the_folder(folder):
@@ -194,3 +197,139 @@ def test_http_url_prefix_reads_like_the_folder(folder):
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):
         pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Remote shards that stall: a timeout on every read, a bounded retry, then one line naming the URL
+
+FAST = RemoteReads(timeout=0.3, retries=1, backoff=0)
+
+
+def labels_of(batches) -> list[int]:
+    return sorted(sum((labels.tolist() for _, labels in batches), []))
+
+
+def serve_script(tmp_path: Path, folder: Path, stall: str) -> str:
+    """A pipe: location whose command serves `folder`'s files, and for a .tar writes 3,000 bytes and
+    then sleeps: every time (stall="always") or only the first time for each shard ("once"). The
+    sleeping process writes its pid to pids.txt."""
+    script = tmp_path / "serve.sh"
+    script.write_text(f"""case "$1" in
+  *.tar) if [ {stall} = always ] || [ ! -e "{tmp_path}/$1.seen" ]; then
+           touch "{tmp_path}/$1.seen"; head -c 3000 "{folder}/$1"; echo $$ >> "{tmp_path}/pids.txt"; exec sleep 60
+         fi ;;
+esac
+exec cat "{folder}/$1"
+""")
+    return f"pipe:sh {script} {{}}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pipe_command_that_hangs_is_one_error_naming_it(folder, tmp_path, workers):
+    location = serve_script(tmp_path, folder, "always")
+    split = open_shards(location, remote=FAST).split("validation")
+    t0 = time.monotonic()
+    with pytest.raises(ShardError, match=r"^pipe:sh \S+serve.sh validation-00000[01].tar: no data for 0.3 s \(2 tries\)$"):
+        collect(ShardStream(split, 4, train=False), workers)
+    assert time.monotonic() - t0 < 10
+    pids = [int(pid) for pid in (tmp_path / "pids.txt").read_text().split()]
+    assert len(pids) >= 2 and not any(alive(pid) for pid in pids)  # each hanging command was killed
+
+
+def test_a_pipe_command_that_hangs_once_is_run_again_from_where_it_stopped(folder, tmp_path):
+    location = serve_script(tmp_path, folder, "once")
+    batches = collect(ShardStream(open_shards(location, remote=FAST).split("validation"), 4, train=False), 0)
+    for images, labels in batches:
+        check_pixels(images, labels)
+    assert labels_of(batches) == list(range(11))
+    assert len((tmp_path / "pids.txt").read_text().split()) == 3  # each of the 3 shards stalled once
+
+
+class StallingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the folder; a .tar gets its headers and half its body, then nothing until `release` is
+    set: on every request (`stall_always`) or on the first request for each path."""
+
+    stall_always, release, seen = True, threading.Event(), set()
+
+    def do_GET(self):
+        path = Path(self.directory, self.path.lstrip("/"))
+        if path.suffix != ".tar" or not (self.stall_always or self.path not in self.seen):
+            return super().do_GET()
+        self.seen.add(self.path)
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.release.wait(30)
+
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.mark.parametrize("stall_always", [True, False])
+def test_an_http_server_that_stalls_mid_body(folder, stall_always):
+    handler_class = type("Handler", (StallingHandler,), {"stall_always": stall_always, "release": threading.Event(), "seen": set()})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler_class, directory=str(folder))) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            location = f"http://127.0.0.1:{server.server_address[1]}/"
+            stream = ShardStream(open_shards(location, remote=FAST).split("validation"), 4, train=False)
+            if stall_always:
+                with pytest.raises(ShardError, match=rf"^{location}validation-000000.tar: no data for 0.3 s \(2 tries\)$"):
+                    collect(stream, 0)
+            else:  # the second try is answered in full (this server ignores Range): the bytes read before are skipped
+                assert labels_of(collect(stream, 0)) == list(range(11))
+        finally:
+            handler_class.release.set()
+            server.shutdown()
+            thread.join()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labels outside the class table
+
+
+def rewrite_shard(folder: Path, name: str, samples: list[tuple[str, bytes, int | str]]) -> None:
+    """Replace shard `name` with `samples` (key, jpg, cls), keeping _info.json's size and sha256 true."""
+    write_tar(folder / name, samples)
+    info = json.loads((folder / "_info.json").read_text())
+    data = (folder / name).read_bytes()
+    for entry in info["splits"].values():
+        for shard in entry["shards"]:
+            if shard["filename"] == name:
+                shard.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "_info.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("cls", ["57", "-1", "3.0", ""])
+def test_a_label_outside_the_class_table_names_its_shard_and_sample(tmp_path, workers, cls):
+    folder = write_folder(tmp_path)
+    info = json.loads((folder / "_info.json").read_text())
+    info["classes"] = info["classes"][:10]
+    (folder / "_info.json").write_text(json.dumps(info))
+    # validation-000001.tar holds samples 4..8; the second gets the bad cls
+    rewrite_shard(folder, "validation-000001.tar", [(f"validation_{i:05d}", jpeg_of(i), cls if i == 5 else i) for i in range(4, 9)])
+    stream = ShardStream(open_shards(str(folder)).split("validation"), 4, train=False)
+    path = folder / "validation-000001.tar"
+    with pytest.raises(ShardError, match=rf"^{path}: sample validation_00005: cls b'{cls}' is not a class index below 10$"):
+        collect(stream, workers)
+
+
+def test_labels_up_to_the_last_class_pass(tmp_path):
+    folder = write_folder(tmp_path)  # validation labels 0..10
+    info = json.loads((folder / "_info.json").read_text())
+    info["classes"] = info["classes"][:11]
+    (folder / "_info.json").write_text(json.dumps(info))
+    assert labels_of(collect(ShardStream(open_shards(str(folder)).split("validation"), 4, train=False), 2)) == list(range(11))

@@ -1,0 +1,139 @@
+"""prep/contract.py: `_info.json` and `stats.json` that do not hold what the contract promises are one
+clear line (ContractError), never a traceback, and shard names never lead out of the folder. Each case
+breaks one thing in a folder of real shards (tests/grey_shards.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from grey_shards import write_folder
+from prep.contract import ContractError, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
+from prep.report import verify_cmd
+from train.stream import open_shards
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_folder(tmp_path / "shards")
+
+
+def edit(folder: Path, name: str, change) -> None:
+    obj = json.loads((folder / name).read_text())
+    change(obj)
+    (folder / name).write_text(json.dumps(obj))
+
+
+INFO_CASES = {
+    "no classes": (lambda i: i.pop("classes"), r"no class table \(`classes`: a list of \{index, wnid, name\}\)"),
+    "empty classes": (lambda i: i.update(classes=[]), r"no class table .*"),
+    "class without wnid": (lambda i: i["classes"][3].pop("wnid"), r"class entry 3 is not \{\"index\": 3, \"wnid\": \.\.\., \"name\": \.\.\.\}: .*"),
+    "classes out of order": (lambda i: i["classes"].reverse(), r"class entry 0 is not .*"),
+    "no splits": (lambda i: i.pop("splits"), r"`splits` missing"),
+    "splits a list": (lambda i: i.update(splits=["train"]), r"`splits` is not an object"),
+    "split a string": (lambda i: i["splits"].update(train="all of it"), r"split 'train' is not an object"),
+    "lengths not counts": (lambda i: i["splits"]["train"].update(shard_lengths=["7", 3, 5, 6, 4]),
+                           r"split 'train' needs lists `filenames` and `shard_lengths` \(sample counts\)"),
+    "not an object": (lambda i: i.clear(), r"schema_version None, this program reads 1"),
+}
+
+
+@pytest.mark.parametrize("case", INFO_CASES)
+def test_a_broken_info_is_one_line(folder, case):
+    change, message = INFO_CASES[case]
+    edit(folder, "_info.json", change)
+    with pytest.raises(ContractError, match=rf"^{folder / '_info.json'}: {message}$"):
+        read_info(folder)
+    with pytest.raises(ContractError, match=rf"^{folder / '_info.json'}: {message}$"):
+        open_shards(str(folder))
+
+
+def test_info_that_is_not_an_object_is_one_line(folder):
+    (folder / "_info.json").write_text("[1, 2]")
+    with pytest.raises(ContractError, match=rf"^{folder / '_info.json'}: _info.json is not a JSON object$"):
+        read_info(folder)
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd.tar", "sub/train-000000.tar", ".hidden.tar", "..", "train-000000.tar\n",
+                                  "train-000000", 7, None])
+@pytest.mark.parametrize("where", ["filenames", "shards"])
+def test_a_shard_name_that_is_not_a_plain_file_name_is_refused(tmp_path, folder, name, where):
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes((folder / "train-000000.tar").read_bytes())  # a shard the folder must not reach
+
+    def change(info):
+        entry = info["splits"]["train"]
+        if where == "filenames":
+            entry["filenames"][0] = name
+        else:
+            entry["shards"][0]["filename"] = name
+
+    edit(folder, "_info.json", change)
+    message = f"{folder / '_info.json'}: split 'train' names shard {name!r}; a shard is a plain .tar file name in this folder"
+    with pytest.raises(ContractError) as e:
+        open_shards(str(folder))
+    assert str(e.value) == message
+    result = CliRunner().invoke(verify_cmd, [str(folder)])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {folder / '_info.json'}: split 'train' names shard ")
+
+
+def test_shard_file_names():
+    assert all(is_shard_filename(n) for n in ("train-000000.tar", "validation-001281.tar", "a.b.tar", "_x.tar"))
+    assert not any(is_shard_filename(n) for n in ("../a.tar", "a/b.tar", "/a.tar", ".a.tar", "a.tar/", "a.tgz", "a\\b.tar", ""))
+
+
+STATS_CASES = {
+    "std 0": (lambda s: s.update(std=[0.25, 0.0, 0.25]), r"std \[0.25, 0.0, 0.25\] has a channel without spread \(std must be above 0\)"),
+    "std negative": (lambda s: s.update(std=[0.25, -0.1, 0.25]), r"std .* has a channel without spread .*"),
+    "mean a string": (lambda s: s.update(mean=["0.5", 0.5, 0.5]), r"field 'mean' holds a value that is not a finite number: \['0.5', 0.5, 0.5\]"),
+    "eigvec null": (lambda s: s["eigvec"][1].__setitem__(2, None), r"field 'eigvec' holds a value that is not a finite number: .*"),
+    "cov true": (lambda s: s["cov"][0].__setitem__(0, True), r"field 'cov' holds a value that is not a finite number: .*"),
+    "eigval shape": (lambda s: s.update(eigval=[1, 2]), r"field 'eigval' missing or not of shape \(3,\)"),
+}
+
+
+@pytest.mark.parametrize("case", STATS_CASES)
+def test_broken_stats_are_one_line(folder, case):
+    change, message = STATS_CASES[case]
+    edit(folder, "stats.json", change)
+    with pytest.raises(ContractError, match=rf"^{folder / 'stats.json'}: {message}$"):
+        read_stats(folder)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_stats_with_nan_or_inf_are_refused(folder, value):
+    text = (folder / "stats.json").read_text().replace('"std": [0.25, 0.25, 0.25]', f'"std": [0.25, {value}, 0.25]')
+    (folder / "stats.json").write_text(text)
+    with pytest.raises(ContractError, match=r"field 'std' holds a value that is not a finite number"):
+        read_stats(folder)
+
+
+def tar_of(names: list[str]) -> io.BytesIO:
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in names:
+            member = tarfile.TarInfo(name)
+            member.size = len(name)
+            tar.addfile(member, io.BytesIO(name.encode()))
+        folder = tarfile.TarInfo("d")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    data.seek(0)
+    return data
+
+
+def test_one_rule_groups_members_into_samples():
+    assert sample_key("sub/n01440764_10026.jpg") == ("sub/n01440764_10026", "jpg")
+    assert sample_key("img.001.jpg") == ("img", "001.jpg")  # a dot ends the key, as in webdataset
+    samples = list(iter_samples(tar_of(["a.jpg", "a.cls", "b.jpg", "a.json", "x/b.cls"])))
+    assert samples == [("a", {"jpg": b"a.jpg", "cls": b"a.cls"}), ("b", {"jpg": b"b.jpg"}), ("a", {"json": b"a.json"}),
+                       ("x/b", {"cls": b"x/b.cls"})]  # consecutive members only; the folder member is not a sample
+
+
+def test_labels_are_ascii_indices_below_the_class_count():
+    assert [label_of(b, 10) for b in (b"0", b"9", b"10", b"-1", b"3.0", b"", b" 3", "٣".encode())] == [0, 9, None, None, None, None, None, None]
