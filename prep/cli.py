@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from prep.build import DEFAULT_SHARD_SIZE, BuildConfig, BuildError, build
+from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, BuildConfig, BuildError, build
 from prep.contract import SPLITS
+from prep.fetch import FetchError
 from prep.report import format_report, shard_report, stats_cmd, verify_cmd
 from prep.source import HUB_ID, SYNTHETIC, SourceError
 
@@ -50,12 +51,18 @@ def _parse_per_class(values: tuple[str, ...], splits: tuple[str, ...]) -> dict[s
     return counts
 
 
-def _run(out: Path, config: BuildConfig, workers: int, progress: bool) -> None:
+def _run(out: Path, config: BuildConfig, workers: int, progress: bool, prefetch: int = DEFAULT_PREFETCH,
+         keep_download: Path | None = None) -> None:
     """Build, print the reconciliation line per split, turn expected failures into one error line."""
     try:
-        info = build(out, config, workers=workers, progress=progress, log=click.echo)
-    except (BuildError, SourceError) as e:
+        info = build(out, config, workers=workers, progress=progress, log=click.echo, prefetch=prefetch,
+                     keep_download=keep_download)
+    except (BuildError, SourceError, FetchError) as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e:  # a full disk, a file size limit, a read-only or unwritable --out
+        where = f"{e.filename}: " if e.filename else ""
+        raise click.ClickException(f"cannot write the build in {out}: {where}{e.strerror or e}; finished shards "
+                                   f"are kept: fix that, then rerun the same command") from e
     for split, entry in info["splits"].items():
         click.echo(f"{split}: {entry['num_inputs']} inputs = {entry['num_samples']} written "
                    f"+ {len(entry['skipped'])} skipped")
@@ -75,17 +82,24 @@ _progress_option = click.option("--progress/--no-progress", default=True, help="
                    f"or '{SYNTHETIC}'.")
 @click.option("--splits", multiple=True, help="Comma-separated or repeated; default: train,validation.")
 @click.option("--limit", type=click.IntRange(min=1),
-              help="At most N inputs per split (a seeded random subset), for trials.")
+              help="At most N inputs per split, for trials: whole parquet row groups (or single items) in a "
+                   "seeded random order, so a Hub trial fetches little more than it keeps.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Inputs per shard.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the sample order.")
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
 @click.option("--per-class", multiple=True,
               help=f"{SYNTHETIC} source only: images per class, N or SPLIT=N (repeatable).")
+@click.option("--prefetch", type=click.IntRange(min=1), default=DEFAULT_PREFETCH, show_default=True,
+              help="Hub builds: parquet files on disk at once (the one being read and the next ones downloading).")
+@click.option("--keep-download", type=click.Path(file_okay=False, path_type=Path),
+              help="Hub builds: move each parquet file here after use (a local copy for --source) "
+                   "instead of deleting it.")
 @_workers_option
 @_progress_option
 def build_shards_cmd(out: Path, source: str, splits: tuple[str, ...], limit: int | None, shard_size: int, seed: int,
-                     quality: int, per_class: tuple[str, ...], workers: int, progress: bool) -> None:
+                     quality: int, per_class: tuple[str, ...], prefetch: int, keep_download: Path | None, workers: int,
+                     progress: bool) -> None:
     """Build the shard folder OUT (train/validation tar shards, _info.json, stats.json)."""
     split_names = _parse_splits(splits)
     try:
@@ -93,7 +107,7 @@ def build_shards_cmd(out: Path, source: str, splits: tuple[str, ...], limit: int
                              quality=quality, per_class=_parse_per_class(per_class, split_names))
     except BuildError as e:
         raise click.UsageError(str(e)) from e
-    _run(out, config, workers, progress)
+    _run(out, config, workers, progress, prefetch, keep_download)
 
 
 @main.command("demo")

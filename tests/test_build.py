@@ -285,3 +285,62 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_same_bytes(tmp_path):
         assert rerun.wait(timeout=120) == 0, rerun.stderr.read().decode()
         rerun.stderr.close()
         assert folder_bytes(out) == expected, moment
+
+
+@pytest.mark.parametrize("name, is_dir", [(".tmp-draft.txt", False), (STATS_NAME, False), (".tmp-cache", True),
+                                          ("notes.txt", False)])
+def test_a_non_empty_folder_that_is_not_a_build_is_refused_untouched(tmp_path, name, is_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if is_dir else (out / name).write_text("the user's")
+    before = folder_bytes(out)
+    with pytest.raises(BuildError, match=rf"--out {out} holds files that no alexprep build made here \(e.g. {name}\); "
+                                         r"use an empty or new folder"):
+        build_shards(out, workers=1, **SMALL)
+    assert folder_bytes(out) == before and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_the_build_removes_only_its_own_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".gitkeep").write_bytes(b"")  # the repo's shards/ folder holds one: still an empty folder
+    build_shards(out, workers=1, **SMALL)
+    reference = folder_bytes(out)
+    # A user's files put into a finished build, and a shard damaged: the rerun redoes the shard and
+    # leaves every file it did not make alone, whatever its name.
+    (out / ".tmp-draft.txt").write_text("draft")
+    (out / ".tmp-cache").mkdir()
+    (out / ".tmp-cache" / "x").write_text("cached")
+    (out / BUILD_DIR / "train-000002.json").unlink()
+    build_shards(out, workers=1, **SMALL)
+    after = folder_bytes(out)
+    assert after.pop(".tmp-draft.txt") == b"draft" and after.pop(".tmp-cache/x") == b"cached"
+    assert after == reference
+
+
+def test_a_second_build_of_a_held_folder_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    build_shards(out, workers=1, **SMALL)
+    before = folder_bytes(out)
+    with open(out / BUILD_DIR / "lock", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running build holds
+        with pytest.raises(BuildError, match=rf"--out {out}: another build is writing this folder \(it holds "
+                                             r"\.build/lock\); wait for it to end, or use another --out"):
+            build_shards(out, workers=1, **SMALL)
+    assert folder_bytes(out) == before
+    build_shards(out, workers=1, **SMALL)  # released: the same build goes ahead (and changes nothing)
+    assert folder_bytes(out) == before
+
+
+def test_a_corrupt_build_record_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    build_shards(out, workers=1, **SMALL)
+    (out / BUILD_DIR / "options.json").write_text('{"options": ')
+    with pytest.raises(BuildError, match=r"options.json: unreadable build record \(JSONDecodeError\); this folder "
+                                         r"cannot be resumed: use another --out"):
+        build_shards(out, workers=1, **SMALL)
+    (out / BUILD_DIR / "options.json").write_text('["not", "a", "record"]')
+    with pytest.raises(BuildError, match=r"unreadable build record \(AttributeError\)"):
+        build_shards(out, workers=1, **SMALL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -142,3 +143,60 @@ def test_demo_builds_the_synthetic_set_and_prints_its_report(tmp_path):
     info = read_info(tmp_path / "demo")
     assert len(info["splits"]["train"]["filenames"]) == 4 and len(info["classes"]) == 10
     assert result.stdout.endswith(format_report(shard_report(tmp_path / "demo")) + "\n")
+
+
+def _limit_file_size(limit: int):
+    """For a subprocess: files may grow to `limit` bytes, then writes fail with EFBIG (SIGXFSZ ignored)."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A small tmpfs mounted at `folder` (root only; skips the test elsewhere)."""
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "none", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs to mount a small or read-only file system")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *parts: str) -> None:
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: cannot write the build in ") and "Traceback" not in result.stderr, line
+    for part in parts:
+        assert part in line, line
+
+
+def test_a_file_size_limit_is_one_line_and_the_rerun_finishes(tmp_path):
+    out = tmp_path / "out"
+    args = [ALEXPREP, "build-shards", "--out", str(out), *SMALL]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(40_000))
+    assert_one_line_error(result, "File too large", "rerun the same command")
+    assert not (out / INFO_NAME).exists()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "train: 40 inputs = 40 written + 0 skipped" in done.stdout
+
+
+def test_a_full_disk_is_one_line(tmp_path):
+    with tmpfs(tmp_path / "small", "size=300k") as small:
+        result = subprocess.run([ALEXPREP, "build-shards", "--out", str(small / "out"), *SMALL],
+                                capture_output=True, text=True, timeout=120)
+        assert_one_line_error(result, "No space left on device")
+
+
+def test_a_read_only_out_is_one_line(tmp_path):
+    with tmpfs(tmp_path / "ro", "ro,size=100k") as ro:
+        result = subprocess.run([ALEXPREP, "build-shards", "--out", str(ro / "out"), *SMALL],
+                                capture_output=True, text=True, timeout=120)
+        assert_one_line_error(result, "Read-only file system")
