@@ -218,8 +218,7 @@ def tar_header(name: str, size: int) -> bytes:
     h[124:136] = b"%011o\x00" % size
     h[136:148] = b"00000000000\x00"  # mtime 0
     h[148:157] = b"        0"  # checksum placeholder (8 spaces), type regular file
-    h[257:265] = b"ustar\x0000"
-    h[329:345] = b"0000000\x000000000\x00"  # devmajor, devminor
+    h[257:265] = b"ustar\x0000"  # uname, gname, devmajor, devminor, prefix: all NUL
     h[148:156] = b"%06o\x00 " % sum(h)
     return bytes(h)
 

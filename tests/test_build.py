@@ -19,7 +19,7 @@ from conftest import DEMO_PER_CLASS, DEMO_SHARD_SIZE
 from quirk_images import write_quirk_files
 
 from prep import synthetic
-from prep.build import BUILD_DIR, BuildConfig, BuildError, build_shards, plan_split
+from prep.build import BUILD_DIR, BuildConfig, BuildError, build_shards, plan_split, tar_header
 from prep.contract import FIELDS, INFO_NAME, SPLITS, STATS_NAME, imagenet_classes, read_info, shard_name
 from prep.image import pillow_flavour, process
 from prep.source import SourceError
@@ -65,6 +65,14 @@ def test_limit_takes_whole_units_in_a_seeded_order():
     assert rows == plan_split(units, "train", 3, 8, 25).rows.tolist()
     assert plan_split(units, "train", 4, 8, 25).read.tolist() != plan.read.tolist()
     assert plan_split(units, "train", 3, 8, 500).read.all()  # a limit above the total keeps everything
+
+
+@pytest.mark.parametrize("name", ["n01440764_10026.jpg", "k" * 96 + ".jpg", "k" * 120 + ".json", "caf\u00e9.cls"])
+def test_tar_headers_are_tarfiles_own_bytes(name):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.type = 123457, 0, 0o644, tarfile.REGTYPE
+    info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+    assert tar_header(name, 123457) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def test_config_rejects_bad_options():
