@@ -232,6 +232,7 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
     """Worker `w`: decode its batches of the stream into its slots (or put their JPEG bytes there),
     telling the main process which."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the main process stops the workers
+    signal.signal(signal.SIGTERM, _stop)  # ...with SIGTERM: unwind, so the open shard (a pipe: command too) is closed
     for i, (main_end, worker_end) in enumerate(pipes):
         main_end.close()  # so that the main process's death shows as EOF here
         if i != w:
@@ -252,7 +253,7 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
             else:
                 conn.send(_Packed(slot, labels, *_pack(batch, slots[slot])))
         conn.send(_Finished())
-    except (EOFError, BrokenPipeError, ConnectionResetError):
+    except (EOFError, BrokenPipeError, ConnectionResetError, SystemExit):
         pass  # the main process has gone or stopped early
     except ShardError as e:
         with contextlib.suppress(OSError):
@@ -262,6 +263,10 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
         traceback.print_exc(file=sys.stderr)
         with contextlib.suppress(OSError):
             conn.send(_Failed(f"loader worker {w} failed: {type(e).__name__}: {_first_line(e)} (traceback above)", shard_error=False))
+
+
+def _stop(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _first_line(e: BaseException) -> str:
