@@ -132,9 +132,7 @@ def lrn_rows(r: dict) -> list[tuple]:
     ok = sum(c["ok"] for c in r["check"])
     rows = [("lrn", "PaperLRN against float64 nn.LocalResponseNorm, forward and backward", f"{ok}/{len(r['check'])} checks ok", "", "")]
     for s in r["per_step"]:
-        est = s.get("est_model_speed_vs_no_lrn")
-        rows.append(("lrn", f"{s['impl']}, {s['mode']}, batch {s['batch']}: both LRNs of a step", _num(s["lrn_ms_per_step"], "ms", ".2f"),
-                     f"{est:.2f}x" if est is not None else "", "model without LRN (design.md)" if est is not None else ""))
+        rows.append(("lrn", f"{s['impl']}, {s['mode']}, batch {s['batch']}: both LRNs of a step", _num(s["lrn_ms_per_step"], "ms", ".2f"), "", ""))
     return rows
 
 

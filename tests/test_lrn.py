@@ -237,3 +237,13 @@ def test_triton_kernels_interpreted():
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+def test_the_lrn_benchmark_reports_only_what_it_measured():
+    """No model speed derived from throughputs measured elsewhere: each step row is the LRNs' own time."""
+    from benchmarks.gpu_lrn import per_step
+
+    rows = [dict(impl=impl, mode="eager", batch=512, shape=[512, c, hw, hw], ms=ms, least_traffic_gb_per_s=None)
+            for impl, ms in (("none", 0.5), ("PaperLRN", 1.0), ("nn.LocalResponseNorm", 4.0)) for c, hw in ((96, 55), (256, 27))]
+    assert per_step(rows) == [dict(impl="nn.LocalResponseNorm", mode="eager", batch=512, lrn_ms_per_step=7.0),
+                              dict(impl="PaperLRN", mode="eager", batch=512, lrn_ms_per_step=1.0)]

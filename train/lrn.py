@@ -1,4 +1,4 @@
-"""Local response normalisation as the AlexNet paper writes it, cheap on the GPU.
+"""Local response normalisation as the AlexNet paper writes it, as two fused Triton kernels on the GPU.
 
     y_i = x_i / (k + alpha * sum_{j=i-n//2}^{i+(n-1)//2} x_j^2) ** beta      (sum over channels, x_j = 0 outside)
 
@@ -7,8 +7,8 @@ The paper does not divide alpha by n; `nn.LocalResponseNorm` does, so `PaperLRN(
 which also defines even n).
 
 Why not `nn.LocalResponseNorm`: it runs as a chain of full-size kernels (square, pad, avg_pool3d, mul, add,
-pow, div) and autograd keeps their intermediates, which made the paper model's training step about 3x slower
-on an H100. Here one Triton kernel does the forward (reads x, writes y and a saved factor u = d^(-beta-1),
+pow, div) and autograd keeps their intermediates, each a full read and write of the activations (what that
+costs on a GPU: `benchmarks/gpu_lrn.py`, not yet run on one here). Here one Triton kernel does the forward (reads x, writes y and a saved factor u = d^(-beta-1),
 where d = k + alpha * window sum) and one the backward (reads the incoming gradient, x and u, writes dx),
 registered as a custom op with its own autograd formula so eager and `torch.compile` both call the same two
 kernels. Without CUDA and Triton (or for float64) the same formulas run as plain tensor ops; with
