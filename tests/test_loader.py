@@ -2,6 +2,7 @@
 through reused slots, JPEG bytes for decoding on the device, and failures that end in one error, not a
 hang or a leftover process. Real forked workers on real tar shards of grey JPEGs (tests/grey_shards.py)."""
 
+import io
 import itertools
 import os
 import signal
@@ -9,15 +10,19 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from grey_shards import check_pixels, jpeg_of, write_folder
+from prep.synthetic import photo
 from train import loader as loader_module
 from train.loader import DeviceLoader, LoaderWorkerError, WorkerLoader, decode_batch, make_loader, pack_batch
-from train.stream import ShardStream, open_shards
+from train.stream import Sample, ShardStream, open_shards
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +48,22 @@ def in_turn(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch
     """The training batches `workers` workers make, decoded in this process, taken in turn."""
     per_worker = [[decode_batch(b) for b in stream.raw_batches(w, workers)] for w in range(workers)]
     return [batch for turn in itertools.zip_longest(*per_worker) for batch in turn if batch is not None]
+
+
+def test_workers_decode_with_torchcodec_exactly_as_pil_and_without_deprecated_apis(folder):
+    """The CPU decode (TorchCodec; torchvision's is deprecated) gives libjpeg-turbo's pixels, as PIL does."""
+    rng, jpegs = np.random.default_rng(3), [jpeg_of(5)]
+    for _ in range(3):  # photo-like q90 JPEGs with 4:2:0 chroma, as the shards hold
+        out = io.BytesIO()
+        Image.fromarray(photo(rng, 256, 256)).save(out, format="JPEG", quality=90)
+        jpegs.append(out.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, labels = decode_batch([Sample("shard", f"k{i}", jpg, i) for i, jpg in enumerate(jpegs)])
+    assert images.is_contiguous(memory_format=torch.channels_last) and labels.tolist() == [0, 1, 2, 3]
+    for image, jpg in zip(images, jpegs):
+        with Image.open(io.BytesIO(jpg)) as im:
+            assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(im.convert("RGB"))))
 
 
 @pytest.mark.parametrize("workers, depth", [(1, 1), (2, 2), (3, 1)])
@@ -146,7 +167,7 @@ def test_workers_end_when_the_main_process_is_killed(folder):
     script = textwrap.dedent(f"""
         import os, sys, time, torch
         from train.loader import make_loader
-        from train.stream import ShardStream, open_shards
+        from train.stream import Sample, ShardStream, open_shards
         split = open_shards({str(folder)!r}).split("train")
         batches = iter(make_loader(ShardStream(split, 3, train=True, steps=40), 2, torch.device("cpu"), depth=1))
         next(batches)
