@@ -4,7 +4,8 @@ The same photo-like JPEGs (ImageNet-sized, about 500x375, q90) are written once 
 and built into 256 px shards with alexprep's folder source. Then, the methods taking turns, best of
 `--repeat` passes:
   - decode alone, over the whole set once: PIL open + load of the original files; the shards' tar
-    parsing alone; torchvision's `decode_jpeg` and PIL of the 256 px shard JPEGs (bytes in memory);
+    parsing alone; the 256 px shard JPEGs (bytes in memory) decoded into a channels_last uint8 batch
+    as the loader workers do, by TorchCodec (what they use) and by PIL (pillow-simd where set up);
   - baseline: `ImageFolder` + `DataLoader` with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor
     and Normalize (the PyTorch ImageNet example's training input), workers 0, 1 and 2;
   - ours: `ShardStream` (train/stream.py) + `make_loader` (train/loader.py) (shards -> uint8
@@ -43,11 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
 
 from prep.build import build_shards
 from prep.contract import write_json
-from train.loader import make_loader
-from train.stream import ShardStream, Split, open_shards, read_shard
+from train.loader import decode_batch, make_loader
+from train.stream import Sample, ShardStream, Split, open_shards, read_shard
 
 # Sizes of typical ImageNet training photos (width, height); the mean ImageNet image is about 400 x 350.
 PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (400, 300), (333, 500), (500, 400))
@@ -195,22 +197,44 @@ def decode_pil_files(paths: list[Path]) -> int:
 
 
 def read_tars(split: Split) -> int:
-    return sum(1 for i, url in enumerate(split.urls) for _ in read_shard(url, split.lengths[i]))
+    return sum(1 for i, url in enumerate(split.urls) for _ in read_shard(url, split.lengths[i], split.num_classes))
 
 
-def decode_tv_bytes(jpegs: list[bytes]) -> int:
-    from torchvision.io import ImageReadMode, decode_jpeg
+DECODE_BATCH = 128  # images per batch buffer in the decode-alone runs
 
-    for b in jpegs:
-        decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+def batch_buffer() -> torch.Tensor:
+    return torch.empty(DECODE_BATCH, 3, 256, 256, dtype=torch.uint8, memory_format=torch.channels_last)
+
+
+def decode_torchcodec_bytes(jpegs: list[bytes]) -> int:
+    """The loader workers' own decode (train.loader.decode_batch: TorchCodec) into a reused batch buffer."""
+    out, samples = batch_buffer(), [Sample("", str(i), b, 0) for i, b in enumerate(jpegs)]
+    for start in range(0, len(samples), DECODE_BATCH):
+        decode_batch(samples[start : start + DECODE_BATCH], out=out)
     return len(jpegs)
 
 
 def decode_pil_bytes(jpegs: list[bytes]) -> int:
-    for b in jpegs:
+    """The same with PIL: decode, then copy the (H, W, 3) pixels into the batch buffer."""
+    out = batch_buffer()
+    for i, b in enumerate(jpegs):
         with Image.open(io.BytesIO(b)) as im:
-            im.load()
+            out[i % DECODE_BATCH] = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
     return len(jpegs)
+
+
+class StreamDataset(IterableDataset):
+    """A ShardStream as a torch IterableDataset, decoded in DataLoader's workers: the transport alextrain
+    used before train/loader.py, measured beside it (also by benchmarks/gpu_train.py)."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+
+    def __iter__(self):
+        info = get_worker_info()
+        for batch in self.stream.raw_batches(*((info.id, info.num_workers) if info is not None else (0, 1))):
+            yield tuple(decode_batch(batch))
 
 
 def warmup_batches(workers: int) -> int:
@@ -248,7 +272,7 @@ def dataloader_run(split: Split, batch: int, batches: int, workers: int, seed: i
     from torch.utils.data import DataLoader
 
     stream = ShardStream(split, batch, train=True, seed=seed, epoch=0, steps=batches)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4)
+    loader = DataLoader(StreamDataset(stream), batch_size=None, num_workers=workers, prefetch_factor=4)
     return steady(loader, batches, warmup_batches(workers))
 
 
@@ -323,7 +347,7 @@ def run(images: int, classes: int, batch: int, batches: int, workers: list[int],
         # More shards than readers (2 at most here), so that each reader owns whole shards.
         split = build_photo_shards(root, out, shard_size=max(1, images // 8), workers=cores)
         build_s = time.perf_counter() - t
-        jpegs = [jpg for i, url in enumerate(split.urls) for _, _, jpg, _ in read_shard(url, split.lengths[i])]
+        jpegs = [s.jpg for i, url in enumerate(split.urls) for s in read_shard(url, split.lengths[i], split.num_classes)]
         data = {
             "images": len(paths), "classes": classes, "shards": len(split.urls),
             "original_mean_kb": sum(p.stat().st_size for p in paths) / len(paths) / 1e3,
@@ -336,7 +360,7 @@ def run(images: int, classes: int, batch: int, batches: int, workers: list[int],
         methods = {
             "decode_pil_originals": partial(timed, decode_pil_files, paths),
             "read_tars": partial(timed, read_tars, split),
-            "decode_tv_256": partial(timed, decode_tv_bytes, jpegs),
+            "decode_torchcodec_256": partial(timed, decode_torchcodec_bytes, jpegs),
             "decode_pil_256": partial(timed, decode_pil_bytes, jpegs),
         }
         for w in workers:
@@ -369,6 +393,9 @@ def run(images: int, classes: int, batch: int, batches: int, workers: list[int],
             dataloader = results[f"dataloader_w{w}"]
             dataloader["x_imagefolder_per_core"] = dataloader["images_per_cpu_s"] / base["images_per_cpu_s"]
             ours["x_dataloader_per_core"] = ours["images_per_cpu_s"] / dataloader["images_per_cpu_s"]
+    # The loader workers' decoder against PIL, same JPEGs, same run: which is faster per core.
+    results["decode_torchcodec_256"]["x_pil_per_core"] = (results["decode_torchcodec_256"]["images_per_cpu_s"]
+                                                          / results["decode_pil_256"]["images_per_cpu_s"])
     growth = memory_growth(memory) if len(memory) > 1 else None
     return {"data": data, "batch": batch, "batches": batches, "repeat": repeat, "results": results,
             "memory": {"epochs": memory, "growth": growth, "workers": max(workers), "seconds": memory_s}}
@@ -377,8 +404,8 @@ def run(images: int, classes: int, batch: int, batches: int, workers: list[int],
 LABELS = {
     "decode_pil_originals": "decode alone: PIL open + load of the original files",
     "read_tars": "tar parsing alone: the shards' samples as bytes (train.stream.read_shard)",
-    "decode_tv_256": "decode alone: torchvision decode_jpeg of the 256 px shard JPEGs",
-    "decode_pil_256": "decode alone: PIL of the 256 px shard JPEGs",
+    "decode_torchcodec_256": "decode alone: TorchCodec (the loader's decode_batch), 256 px shard JPEGs into a batch",
+    "decode_pil_256": "decode alone: PIL, 256 px shard JPEGs into a batch",
 }
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cpu_loader import PHOTO_SIZES, QUICK_SIZES, build_photo_shards, write_photo_tree
+from benchmarks.cpu_loader import PHOTO_SIZES, QUICK_SIZES, StreamDataset, build_photo_shards, write_photo_tree
 from prep.contract import write_json
 from train.augment import PixelStats
 from train.device_decode import DecoderUnavailable, import_nvimgcodec
@@ -164,7 +164,8 @@ class TorchDataLoaderInput:
     def __init__(self, stream: ShardStream, workers: int, device: torch.device):
         from torch.utils.data import DataLoader
 
-        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4)
+        self.loader = DataLoader(StreamDataset(stream), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                                 prefetch_factor=4)
         self.device, self.wait, self.decoded_here = device, 0.0, 0
 
     def reset_wait(self) -> float:

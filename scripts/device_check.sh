@@ -19,6 +19,9 @@ case "${1:-}" in
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d "$wheels" \
       webdataset==1.0.2 braceexpand==0.1.7 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0 \
       nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43
+    # TorchCodec (the loader workers' JPEG decoder) for the image's Python 3.12; it links against torch,
+    # so a torch too old for it fails at `import train.loader` there (see docs/benchmarks.md, "GPU")
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$wheels" torchcodec==0.17.0
     ls "$wheels"
     ;;
   run)
