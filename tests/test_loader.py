@@ -21,7 +21,7 @@ from PIL import Image
 from grey_shards import check_pixels, jpeg_of, write_folder
 from prep.synthetic import photo
 from train import loader as loader_module
-from train.loader import DeviceLoader, LoaderWorkerError, WorkerLoader, decode_batch, make_loader, pack_batch
+from train.loader import DeviceLoader, ImageBatch, JpegBatch, LoaderWorkerError, WorkerLoader, decode_batch, make_loader, pack_batch
 from train.stream import Sample, ShardStream, open_shards
 
 CPU = torch.device("cpu")
@@ -89,6 +89,18 @@ def test_device_loader_on_the_cpu_copies_batches_out_of_the_slots(folder):
     expected = in_turn(train_stream(folder), 2)
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(batches, expected))
     assert len({images.data_ptr() for images, _ in batches}) == 9
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_says_what_it_is(folder, workers):
+    """Decoded on the CPU or JPEG bytes for the device: two named kinds, whatever the transport."""
+    images, labels = batch = next(iter(make_loader(train_stream(folder), workers, CPU)))
+    assert type(batch) is ImageBatch and images.shape == (3, 3, 256, 256) and labels.dtype == torch.int64
+    packed = next(iter(make_loader(train_stream(folder, decode="gpu"), workers, CPU)))
+    assert type(packed) is JpegBatch and packed.lengths.sum() == packed.data.numel() and packed.labels.shape == (3,)
+    assert all(url.startswith(str(folder)) and url.endswith(".tar") for url in packed.urls)
+    with pytest.raises(ValueError, match="unknown decode 'fpga'; one of cpu, gpu, both"):
+        make_loader(train_stream(folder, decode="fpga"), workers, CPU)
 
 
 def oversized_jpeg(i: int) -> bytes:
