@@ -129,11 +129,15 @@ class _Http:
 
     def __init__(self, url: str, offset: int, timeout: float):
         request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        self.timeout = timeout
         self.response = urllib.request.urlopen(request, timeout=timeout)
         self.skip = offset if offset and self.response.status != 206 else 0  # a server without ranges sends it all
 
     def readinto(self, buffer) -> int:
-        return self.response.readinto(buffer)
+        try:
+            return self.response.readinto(buffer)
+        except TimeoutError:
+            raise TimeoutError(f"no data for {self.timeout:g} s") from None
 
     def close(self) -> None:
         self.response.close()
