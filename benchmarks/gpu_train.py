@@ -48,7 +48,7 @@ from train.device_decode import DecoderUnavailable, import_nvimgcodec
 from train.evaluate import topk_correct
 from train.loader import DeviceLoader, make_loader
 from train.loop import train_step
-from train.model import ARCHS, build_model
+from train.model import ARCHS, INPUTS, build_model
 from train.stream import ShardStream, Split, open_shards, seed_for
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -123,13 +123,14 @@ class TrainStep:
             torch._dynamo.reset()  # a fresh, static-shape compile, as in a new alextrain process
             model = torch.compile(model)
         self.model, self.device, self.stats, self.crop = model.train(), device, stats, crop
+        self.scaling = INPUTS[arch]  # the arch's own input scaling, as alextrain feeds it
         self.generator = torch.Generator(device)
         self.hits = torch.zeros(2, dtype=torch.float64, device=device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         """One step on uint8 (B, 3, 256, 256) images and int64 (B,) labels, both on the device."""
         seeds = (seed_for(0, 0, step, 0, 0), seed_for(0, 0, step, 0, 1))
-        _, logits = train_step(self.model, self.optimizer, images, labels, self.stats, crop_size=self.crop,
+        _, logits = train_step(self.model, self.optimizer, images, labels, self.stats, scaling=self.scaling, crop_size=self.crop,
                                lighting_std=LIGHTING_STD, generator=self.generator, seeds=seeds)
         self.hits += topk_correct(logits, labels)
 
