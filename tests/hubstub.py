@@ -1,0 +1,665 @@
+"""A local stand-in of the Hugging Face Hub for one gated dataset repo, for tests and benchmarks.
+
+It speaks the HTTP endpoints the real `huggingface_hub` client (2.4) uses for a dataset repo, so code
+under test runs the real client unchanged once `HF_ENDPOINT` points here:
+
+- `GET /api/datasets/{repo}[/revision/{rev}]` (`dataset_info`, `repo_info`, `HfFileSystem`),
+- `GET /api/datasets/{repo}/tree/{rev}[/{path}]` (`list_repo_tree`, `list_repo_files`; Link-header pages),
+- `POST /api/datasets/{repo}/paths-info/{rev}` (`get_paths_info`, `HfFileSystem.info`),
+- `GET /api/datasets/{repo}/auth-check` (`auth_check`),
+- `HEAD` and `GET /datasets/{repo}/resolve/{rev}/{path}` (`hf_hub_download`, `HfFileSystem` reads), with
+  single `Range: bytes=a-b` requests answered 206 and `Content-Range`.
+
+As on the Hub, the repo's metadata (info, tree, paths-info) is public and its files are gated: a resolve
+or auth-check without `Authorization: Bearer TOKEN` gets 401 `X-Error-Code: GatedRepo` (the client's
+`GatedRepoError`), any other token 403 GatedRepo (a user who has not accepted the terms). An unknown repo
+is 404 RepoNotFound, an unknown revision 404 RevisionNotFound, an unknown file 404 EntryNotFound. The
+revision is `main` or the fixed fake commit `COMMIT`. `.parquet` files are served as LFS files (ETag =
+sha256, `X-Linked-Etag`, `X-Linked-Size`), others as plain git files (ETag = git blob sha1); no
+redirects and no Xet headers, so the client downloads over plain HTTP even with `hf_xet` installed.
+
+For benchmarks and failure tests it has a whole-server bandwidth limit (`bandwidth`, bytes/s of file
+content), fault injection (`drop(path, after_bytes, times)`: the next GETs of a file send that many body
+bytes and then close the connection) and accounting (`sent[path]`, `total_sent`, `requests`).
+
+How tests select it: `huggingface_hub` reads `HF_ENDPOINT` and `HF_HOME` when it is imported, so
+tests/conftest.py binds the server's socket and sets `HF_ENDPOINT`, `HF_HOME` (a temporary folder: no
+real token or cache is touched) and `HF_HUB_DISABLE_TELEMETRY` at import, before anything imports the
+client; a session fixture starts serving, and the `hub` fixture gives each test a reset server over a
+fresh repo with `HF_TOKEN` set. In-process tests are faster than a subprocess per test; a subprocess
+(e.g. the `alexprep` CLI) inherits the same environment.
+
+Standalone, for benchmarks (Ctrl-C stops it):
+    python -m tests.hubstub --root DIR --port P [--bandwidth BYTES_PER_S] [--token T] [--repo-id ID]
+with `--make-repo` to fill an empty DIR with `make_imagenet_like_repo` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import hashlib
+import io
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+DEFAULT_REPO_ID = "ILSVRC/imagenet-1k"
+DEFAULT_TOKEN = "hf_hubstub_test_token"  # a fake token, accepted only by this server
+COMMIT = "feedc0de" * 5  # the fixed fake commit sha of every revision served
+LAST_MODIFIED = "2024-01-01T00:00:00.000Z"
+TREE_PAGE_SIZE = 1000  # entries per tree page, as the Hub pages them
+_CHUNK = 64 * 1024  # bytes per socket write of a file body (smaller under a low bandwidth limit)
+
+
+class Request(NamedTuple):
+    """One request as the server saw it. `file` is the repo path of a resolve request, else None."""
+
+    method: str
+    path: str  # the URL path, percent-decoded, without the query
+    file: str | None
+    range: str | None  # the Range header as sent
+    status: int
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A file of the repo: size, sha256 (LFS oid, ETag of LFS files) and git blob sha1 (tree oid)."""
+
+    size: int
+    sha256: str
+    oid: str
+    lfs_pointer_size: int | None  # None: a plain git file
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 if self.lfs_pointer_size is not None else self.oid
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _entry(path: Path) -> _Entry:
+    data = path.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    if path.suffix != ".parquet":
+        return _Entry(len(data), sha256, _git_blob_sha1(data), None)
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
+    return _Entry(len(data), sha256, _git_blob_sha1(pointer), len(pointer))
+
+
+class _HubError(Exception):
+    """An error answer: status, the Hub's `X-Error-Code` and message."""
+
+    def __init__(self, status: int, code: str | None, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class _Pacer:
+    """Whole-server bandwidth limit: each chunk reserves the next free slot of `n / rate` seconds."""
+
+    def __init__(self, rate: float | None):
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = 0.0  # time.monotonic() at which the link is free again
+
+    def wait(self, n: int) -> None:
+        rate = self.rate
+        if not rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(now, self._next) + n / rate
+            until = self._next
+        time.sleep(max(0.0, until - now))
+
+
+class HubStub:
+    """The server. `with HubStub(root) as hub:` serves `root` at `hub.url` until the block ends.
+
+    `root` is the repo's folder (its files, recursively, are the repo's files; may be set later while
+    serving); `token` the one accepted token; `bandwidth` bytes/s of file content for the whole server
+    (None: unlimited). `port=0` picks a free port; the socket is bound at construction, so `url` is
+    known before `start()`.
+    """
+
+    def __init__(self, root: str | Path | None = None, *, repo_id: str = DEFAULT_REPO_ID,
+                 token: str = DEFAULT_TOKEN, bandwidth: float | None = None, host: str = "127.0.0.1",
+                 port: int = 0):
+        self.root = None if root is None else Path(root)
+        self.repo_id = repo_id
+        self.token = token
+        self.page_size = TREE_PAGE_SIZE
+        self._pacer = _Pacer(bandwidth)
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int, int], _Entry] = {}  # (path, size, mtime_ns) -> entry
+        self._drops: dict[str, list[int]] = {}  # repo path -> [after_bytes, times left]
+        self.sent: dict[str, int] = {}
+        self.requests: list[Request] = []
+        self._server = ThreadingHTTPServer((host, port), _Handler)
+        self._server.daemon_threads = True
+        self._server.hub = self
+        self._connections: set[socket.socket] = set()
+        self._thread: threading.Thread | None = None
+
+    # --- life cycle ---------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """The value for HF_ENDPOINT."""
+        return f"http://{self._server.server_address[0]}:{self.port}"
+
+    def start(self) -> HubStub:
+        if self._thread is not None:
+            raise RuntimeError("the server is already serving")
+        self._thread = threading.Thread(target=self._server.serve_forever, name="hubstub", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close the listening socket and every open connection."""
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            open_connections = list(self._connections)
+        for conn in open_connections:
+            _close_quietly(conn)
+        self._server.server_close()
+
+    def __enter__(self) -> HubStub:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- knobs and accounting -----------------------------------------------------------------------
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Bytes of file content per second, whole server; None: unlimited. Settable while serving."""
+        return self._pacer.rate
+
+    @bandwidth.setter
+    def bandwidth(self, rate: float | None) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError(f"bandwidth must be > 0 bytes/s or None, got {rate}")
+        self._pacer.rate = rate
+
+    def drop(self, path: str, after_bytes: int, times: int = 1) -> None:
+        """The next `times` GETs of repo file `path` send `after_bytes` body bytes, then close the connection."""
+        if after_bytes < 0 or times < 1:
+            raise ValueError(f"need after_bytes >= 0 and times >= 1, got {after_bytes}, {times}")
+        with self._lock:
+            self._drops[path] = [after_bytes, times]
+
+    @property
+    def total_sent(self) -> int:
+        """Bytes of file content sent, all files."""
+        with self._lock:
+            return sum(self.sent.values())
+
+    def reset(self) -> None:
+        """Forget accounting and pending drops; no bandwidth limit; the default page size."""
+        with self._lock:
+            self.sent = {}
+            self.requests = []
+            self._drops = {}
+        self.bandwidth = None
+        self.page_size = TREE_PAGE_SIZE
+
+    # --- the repo -----------------------------------------------------------------------------------
+
+    def files(self) -> dict[str, _Entry]:
+        """The repo's files now: repo path -> entry (hashes cached by path, size and mtime)."""
+        if self.root is None:
+            return {}
+        found = {}
+        for path in sorted(self.root.rglob("*")):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(self.root).as_posix()
+            st = path.stat()
+            key = (rel, st.st_size, st.st_mtime_ns)
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _entry(path)
+            found[rel] = entry
+        return found
+
+    def _take_drop(self, path: str) -> int | None:
+        with self._lock:
+            pending = self._drops.get(path)
+            if pending is None:
+                return None
+            pending[1] -= 1
+            if pending[1] == 0:
+                del self._drops[path]
+            return pending[0]
+
+    def _count(self, path: str, n: int) -> None:
+        with self._lock:
+            self.sent[path] = self.sent.get(path, 0) + n
+
+
+def _close_quietly(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer
+
+
+def _file_json(path: str, e: _Entry, expand: bool) -> dict:
+    out = {"type": "file", "oid": e.oid, "size": e.size, "path": path}
+    if e.lfs_pointer_size is not None:
+        out["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": e.lfs_pointer_size}
+    if expand:
+        out["lastCommit"] = {"id": COMMIT, "title": "Upload dataset", "date": LAST_MODIFIED}
+    return out
+
+
+def _dir_json(path: str, expand: bool) -> dict:
+    out = {"type": "directory", "oid": _git_blob_sha1(path.encode()), "size": 0, "path": path}
+    if expand:
+        out["lastCommit"] = {"id": COMMIT, "title": "Upload dataset", "date": LAST_MODIFIED}
+    return out
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    """`bytes=a-b`, `bytes=a-` or `bytes=-n` -> (start, end exclusive); 416 if not satisfiable."""
+    unit, _, spec = header.partition("=")
+    first, sep, last = spec.strip().partition("-")
+    try:
+        if unit.strip() != "bytes" or not sep or "," in spec:
+            raise ValueError
+        if first == "":
+            start, end = max(0, size - int(last)), size
+        else:
+            start = int(first)
+            end = size if last == "" else min(size, int(last) + 1)
+    except ValueError:
+        raise _HubError(416, None, f"Invalid range {header!r}") from None
+    if start >= size or start >= end:
+        raise _HubError(416, None, f"Range {header!r} not satisfiable for size {size}")
+    return start, end
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
+    timeout = 60  # seconds an idle keep-alive connection is kept
+
+    server_version = "hubstub"
+
+    @property
+    def hub(self) -> HubStub:
+        return self.server.hub
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hub._lock:
+            self.hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.hub._lock:
+            self.hub._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass  # the connection was dropped on purpose or by the peer
+
+    def log_message(self, format, *args) -> None:
+        pass  # quiet: tests read `requests` instead
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Recorded before the client can see the answer, so a test reads every request its call made.
+        request = Request(self.command, getattr(self, "_url_path", self.path), getattr(self, "_file", None),
+                          self.headers.get("Range") if self.headers else None, code)
+        self.hub.requests.append(request)
+        super().send_response(code, message)
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_HEAD(self) -> None:
+        self._serve("HEAD")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    # --- routing ------------------------------------------------------------------------------------
+
+    def _serve(self, method: str) -> None:
+        split = urlsplit(self.path)
+        parts = [unquote(p) for p in split.path.split("/")[1:]]
+        query = parse_qs(split.query)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._url_path, self._file = unquote(split.path), None
+        try:
+            if parts == ["api", "agent-harnesses"]:  # the client's agent registry, fetched once a day
+                self._json(method, {"standardEnvVars": [], "harnesses": {}})
+            elif parts[:1] == ["api"] and len(parts) >= 4:
+                self._api(method, parts[1], "/".join(parts[2:4]), parts[4:], query, body)
+            elif len(parts) >= 5 and parts[3] == "resolve":
+                self._file = "/".join(parts[5:])
+                self._resolve(method, parts[0], "/".join(parts[1:3]), parts[4], self._file)
+            else:
+                raise _HubError(404, None, "Not Found")
+        except _HubError as e:
+            self._error(method, e)
+
+    def _check_repo(self, kind: str, repo_id: str, revision: str | None) -> dict[str, _Entry]:
+        if kind != "datasets" or repo_id != self.hub.repo_id or self.hub.root is None:
+            raise _HubError(404, "RepoNotFound", "Repository not found")
+        if revision is not None and revision not in ("main", COMMIT):
+            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return self.hub.files()
+
+    def _check_access(self) -> None:
+        auth = self.headers.get("Authorization")
+        if auth is None:
+            raise _HubError(401, "GatedRepo", f"Access to dataset {self.hub.repo_id} is restricted. You must have "
+                                              "access to it and be authenticated to access it. Please log in.")
+        if auth != f"Bearer {self.hub.token}":
+            raise _HubError(403, "GatedRepo", f"Access to dataset {self.hub.repo_id} is restricted and you are "
+                                              "not in the authorized list.")
+
+    def _api(self, method, kind, repo_id, rest, query, body) -> None:
+        if not rest or rest[0] == "revision":
+            files = self._check_repo(kind, repo_id, rest[1] if len(rest) > 1 else "main")
+            return self._json(method, self._info(files, "blobs" in query))
+        if rest[0] == "auth-check":
+            self._check_repo(kind, repo_id, None)
+            self._check_access()
+            return self._json(method, {})
+        if rest[0] == "tree" and len(rest) >= 2:
+            files = self._check_repo(kind, repo_id, rest[1])
+            return self._tree(method, files, "/".join(rest[2:]).strip("/"), query)
+        if rest[0] == "paths-info" and len(rest) == 2 and method == "POST":
+            files = self._check_repo(kind, repo_id, rest[1])
+            form = parse_qs(body.decode())
+            expand = form.get("expand", ["False"])[0].lower() == "true"
+            return self._json(method, self._paths_info(files, form.get("paths", []), expand))
+        raise _HubError(404, None, "Not Found")
+
+    # --- the API's answers --------------------------------------------------------------------------
+
+    def _info(self, files: dict[str, _Entry], blobs: bool) -> dict:
+        siblings = []
+        for path, e in files.items():
+            sibling = {"rfilename": path}
+            if blobs:
+                sibling.update(size=e.size, blobId=e.oid)
+                if e.lfs_pointer_size is not None:
+                    sibling["lfs"] = {"size": e.size, "sha256": e.sha256, "pointerSize": e.lfs_pointer_size}
+            siblings.append(sibling)
+        namespace = self.hub.repo_id.split("/")[0]
+        return {"_id": COMMIT[:24], "id": self.hub.repo_id, "author": namespace, "sha": COMMIT,
+                "lastModified": LAST_MODIFIED, "createdAt": LAST_MODIFIED, "private": False, "gated": "auto",
+                "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
+                "usedStorage": sum(e.size for e in files.values())}
+
+    def _tree(self, method, files: dict[str, _Entry], base: str, query) -> None:
+        recursive = query.get("recursive", ["False"])[0].lower() == "true"
+        expand = query.get("expand", ["False"])[0].lower() == "true"
+        prefix = f"{base}/" if base else ""
+        if base and base in files:
+            raise _HubError(400, None, f"{base} is a file, not a folder")
+        entries, dirs = [], set()
+        for path, e in files.items():
+            if not path.startswith(prefix):
+                continue
+            rel_parts = path[len(prefix):].split("/")
+            for depth in range(1, len(rel_parts) if recursive else min(2, len(rel_parts))):
+                dirs.add(prefix + "/".join(rel_parts[:depth]))
+            if recursive or len(rel_parts) == 1:
+                entries.append(_file_json(path, e, expand))
+        if base and not entries and not dirs:
+            raise _HubError(404, "EntryNotFound", f"{base} does not exist on \"main\"")
+        entries = sorted([_dir_json(d, expand) for d in dirs] + entries, key=lambda x: x["path"])
+        start = int(query.get("cursor", ["0"])[0])
+        page = entries[start:start + self.hub.page_size]
+        headers = {}
+        if start + self.hub.page_size < len(entries):
+            params = f"recursive={recursive}&expand={expand}&cursor={start + self.hub.page_size}"
+            headers["Link"] = f'<{self.hub.url}{quote(urlsplit(self.path).path)}?{params}>; rel="next"'
+        return self._json(method, page, headers)
+
+    def _paths_info(self, files: dict[str, _Entry], paths: list[str], expand: bool) -> list[dict]:
+        out = []
+        for path in (p.strip("/") for p in paths):
+            if path in files:
+                out.append(_file_json(path, files[path], expand))
+            elif any(f.startswith(path + "/") for f in files):
+                out.append(_dir_json(path, expand))
+        return out
+
+    # --- file content -------------------------------------------------------------------------------
+
+    def _resolve(self, method, kind, repo_id, revision, path) -> None:
+        files = self._check_repo(kind, repo_id, revision)
+        self._check_access()
+        entry = files.get(path)
+        if entry is None:
+            raise _HubError(404, "EntryNotFound", f"{path} does not exist on \"{revision}\"")
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{entry.etag}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if entry.lfs_pointer_size is not None:
+            headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
+        start, end, status = 0, entry.size, 200
+        if self.headers.get("Range") is not None:
+            try:
+                start, end = _parse_range(self.headers["Range"], entry.size)
+            except _HubError as e:
+                e.headers = {"Content-Range": f"bytes */{entry.size}"}
+                raise
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
+        headers["Content-Length"] = str(end - start)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if method == "GET":
+            self._send_file(path, start, end)
+
+    def _send_file(self, path: str, start: int, end: int) -> None:
+        """Body bytes [start, end) of repo file `path`, paced and counted; a pending drop cuts it short."""
+        hub = self.hub
+        cut = hub._take_drop(path)
+        stop = end if cut is None else min(end, start + cut)
+        chunk = _CHUNK if not hub.bandwidth else max(1024, min(_CHUNK, int(hub.bandwidth / 20)))
+        with open(hub.root / path, "rb") as f:
+            f.seek(start)
+            pos = start
+            while pos < stop:
+                data = f.read(min(chunk, stop - pos))
+                hub._pacer.wait(len(data))
+                hub._count(path, len(data))  # before the client can have it: a test sees every byte it got
+                try:
+                    self.wfile.write(data)
+                except OSError:  # the client went away
+                    hub._count(path, -len(data))
+                    self.close_connection = True
+                    return
+                pos += len(data)
+        if cut is not None and stop < end:
+            self.close_connection = True
+            _close_quietly(self.connection)
+
+    # --- answers ------------------------------------------------------------------------------------
+
+    def _json(self, method: str, payload, headers: dict | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, method: str, e: _HubError) -> None:
+        data = json.dumps({"error": e.message}).encode()
+        self.send_response(e.status)
+        if e.code is not None:
+            self.send_header("X-Error-Code", e.code)
+        self.send_header("X-Error-Message", e.message)
+        if e.code == "EntryNotFound":
+            self.send_header("X-Repo-Commit", COMMIT)
+        for name, value in getattr(e, "headers", {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(data)
+
+
+# --- a repo shaped like ILSVRC/imagenet-1k --------------------------------------------------------------
+
+CLASS_NAMES = ("red disc", "orange checkerboard", "yellow-green stripes", "green bars", "spring-green rings",
+               "cyan diagonals", "azure dots", "blue cross", "purple square", "pink triangle")
+DEFAULT_FILES = {"train": 24, "validation": 8, "test": 4}
+# Rows per file: enough that `--limit 100` of train and validation is a small part of the repo (1,408 rows,
+# about 7 MB); pyarrow's first footer read takes the last 64 KiB of a file, so files are larger than that.
+DEFAULT_ROWS = {"train": 48, "validation": 24, "test": 16}
+
+
+class RepoFile(NamedTuple):
+    path: str  # repo path, e.g. data/train-00003-of-00024.parquet
+    split: str
+    rows: int
+    row_groups: int
+    bytes: int
+
+
+class RepoSummary(NamedTuple):
+    files: list[RepoFile]  # sorted by path
+    total_bytes: int
+    class_names: list[str]
+
+    def file(self, path: str) -> RepoFile:
+        return next(f for f in self.files if f.path == path)
+
+    def split_rows(self, split: str) -> int:
+        return sum(f.rows for f in self.files if f.split == split)
+
+
+def label_colour(label: int, num_classes: int = len(CLASS_NAMES)) -> tuple[int, int, int]:
+    """The RGB fill of images of class `label`: hues evenly spaced, full saturation and value."""
+    r, g, b = colorsys.hsv_to_rgb(label / num_classes, 1.0, 1.0)
+    return round(255 * r), round(255 * g), round(255 * b)
+
+
+def label_from_pixels(pixels, num_classes: int = len(CLASS_NAMES)) -> int:
+    """The class whose `label_colour` is nearest to the mean colour of `pixels` ((h, w, 3) uint8)."""
+    import numpy as np
+
+    mean = np.asarray(pixels, np.float64).reshape(-1, 3).mean(axis=0)
+    return int(np.argmin([np.sum((mean - label_colour(c, num_classes)) ** 2) for c in range(num_classes)]))
+
+
+def _jpeg(rng, label: int, num_classes: int) -> tuple[bytes, int, int]:
+    """A small JPEG (sides 64..256 px) of the label's colour plus noise (about 5 KB at quality 80..95)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = (int(v) for v in rng.integers(64, 257, size=2))
+    base = np.array(label_colour(max(label, 0), num_classes), np.int16)
+    pixels = np.clip(base + rng.integers(-12, 13, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=int(rng.integers(80, 96)))
+    return buf.getvalue(), w, h
+
+
+def make_imagenet_like_repo(folder: str | Path, *, files: dict[str, int] | None = None,
+                            rows_per_file: dict[str, int] | None = None, row_group_size: int = 12,
+                            num_classes: int = len(CLASS_NAMES), seed: int = 0) -> RepoSummary:
+    """Write parquet files laid out like ILSVRC/imagenet-1k under `folder`/data and summarise them.
+
+    `data/{split}-{i:05d}-of-{n:05d}.parquet`, 36 files by default (24 train, 8 validation, 4 test; see
+    DEFAULT_ROWS) in row groups of `row_group_size` rows;
+    columns `image` = struct{bytes, path} and `label` = int64, with the `huggingface` schema metadata of
+    `datasets.Features({"image": Image(), "label": ClassLabel(names)})`. Train rows are sorted by class
+    within and across files (as if built class by class), validation labels are shuffled, test labels
+    are -1. Each image's pixels are its class's `label_colour`; paths look like ImageNet's
+    (`n90000003_10026.JPEG`, `ILSVRC2012_val_00000001.JPEG`, `ILSVRC2012_test_00000001.JPEG`).
+    """
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = {**DEFAULT_FILES, **(files or {})}
+    rows_per_file = {**DEFAULT_ROWS, **(rows_per_file or {})}
+    if num_classes > len(CLASS_NAMES):
+        raise ValueError(f"at most {len(CLASS_NAMES)} classes, got {num_classes}")
+    names = list(CLASS_NAMES[:num_classes])
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    schema = features.arrow_schema
+    rng = np.random.default_rng(seed)
+    data = Path(folder) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for split, n_files in files.items():
+        total = n_files * rows_per_file[split]
+        if split == "train":
+            labels = np.sort(np.arange(total) % num_classes)  # class by class
+            ids = rng.choice(100_000, size=total, replace=False)
+            paths = [f"n{90_000_000 + int(c):08d}_{int(i)}.JPEG" for c, i in zip(labels, ids)]
+        elif split == "validation":
+            labels = rng.permutation(np.arange(total) % num_classes)
+            paths = [f"ILSVRC2012_val_{j + 1:08d}.JPEG" for j in range(total)]
+        else:
+            labels = np.full(total, -1)
+            paths = [f"ILSVRC2012_test_{j + 1:08d}.JPEG" for j in range(total)]
+        for i in range(n_files):
+            sl = slice(i * rows_per_file[split], (i + 1) * rows_per_file[split])
+            images = [{"bytes": _jpeg(rng, int(c), num_classes)[0], "path": p}
+                      for c, p in zip(labels[sl], paths[sl])]
+            table = pa.table({"image": images, "label": pa.array(labels[sl], pa.int64())}, schema=schema)
+            rel = f"data/{split}-{i:05d}-of-{n_files:05d}.parquet"
+            pq.write_table(table, Path(folder) / rel, row_group_size=row_group_size)
+            meta = pq.read_metadata(Path(folder) / rel)
+            summary.append(RepoFile(rel, split, table.num_rows, meta.num_row_groups, (Path(folder) / rel).stat().st_size))
+    summary.sort(key=lambda f: f.path)  # as the Hub lists them
+    return RepoSummary(summary, sum(f.bytes for f in summary), names)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.hubstub", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, type=Path, help="the repo's folder")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s of file content, whole server")
+    parser.add_argument("--token", default=DEFAULT_TOKEN, help="the one accepted token")
+    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID)
+    parser.add_argument("--make-repo", action="store_true", help="first write make_imagenet_like_repo into --root")
+    args = parser.parse_args(argv)
+    if args.make_repo:
+        s = make_imagenet_like_repo(args.root)
+        print(f"made {len(s.files)} files, {s.total_bytes} bytes in {args.root}", flush=True)
+    hub = HubStub(args.root, repo_id=args.repo_id, token=args.token, bandwidth=args.bandwidth, port=args.port)
+    print(f"serving {args.repo_id} from {args.root}: HF_ENDPOINT={hub.url}", flush=True)
+    with hub:
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
