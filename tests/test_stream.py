@@ -203,6 +203,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 # Remote shards that stall: a timeout on every read, a bounded retry, then one line naming the URL
 
 FAST = RemoteReads(timeout=0.3, retries=1, backoff=0)
+PATIENT = RemoteReads(timeout=1.0, retries=3, backoff=0)  # for reads that must succeed on a busy machine
 
 
 def labels_of(batches) -> list[int]:
@@ -249,7 +250,7 @@ def test_a_pipe_command_that_hangs_is_one_error_naming_it(folder, tmp_path, work
 
 def test_a_pipe_command_that_hangs_once_is_run_again_from_where_it_stopped(folder, tmp_path):
     location = serve_script(tmp_path, folder, "once")
-    batches = collect(ShardStream(open_shards(location, remote=FAST).split("validation"), 4, train=False), 0)
+    batches = collect(ShardStream(open_shards(location, remote=PATIENT).split("validation"), 4, train=False), 0)
     for images, labels in batches:
         check_pixels(images, labels)
     assert labels_of(batches) == list(range(11))
@@ -287,7 +288,7 @@ def test_an_http_server_that_stalls_mid_body(folder, stall_always):
         thread.start()
         try:
             location = f"http://127.0.0.1:{server.server_address[1]}/"
-            stream = ShardStream(open_shards(location, remote=FAST).split("validation"), 4, train=False)
+            stream = ShardStream(open_shards(location, remote=FAST if stall_always else PATIENT).split("validation"), 4, train=False)
             if stall_always:
                 with pytest.raises(ShardError, match=rf"^{location}validation-000000.tar: no data for 0.3 s \(2 tries\)$"):
                     collect(stream, 0)
