@@ -3,15 +3,7 @@
 import pytest
 import torch
 
-from train.augment import (
-    PixelStats,
-    eval_views,
-    lighting_offset,
-    normalize,
-    pca_lighting,
-    random_crop_flip,
-    train_views,
-)
+from train.augment import PixelStats, StatsError, eval_views, lighting_alpha, lighting_offset, random_crop_flip, train_views
 
 # fb.resnet.torch's ImageNet constants (design.md), in stats.json's layout: eigvec columns are vectors.
 STATS_JSON = {
@@ -20,6 +12,23 @@ STATS_JSON = {
     "eigval": [0.2175, 0.0188, 0.0045],
     "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]],
 }
+
+
+def pca_lighting(x, eigval, eigvec, std, generator):
+    """Reference: the paper's PCA lighting on (B, 3, H, W) floats on the 0..1 scale, every pixel of
+    image n shifted by eigvec @ (alpha_n * eigval), alpha_n ~ N(0, std); not clamped."""
+    alpha = lighting_alpha(x.shape[0], std, generator, x.device)
+    return x + lighting_offset(alpha, eigval, eigvec)[:, :, None, None]
+
+
+def normalize(x, mean, std):
+    """Reference: (..., 3, H, W) floats -> (x - mean) / std per channel."""
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def subtract_mean(x, mean):
+    """Reference: the paper's inputs from (..., 3, H, W) floats on the 0..1 scale: 255 x - 255 mean."""
+    return 255 * x - 255 * mean[:, None, None]
 
 
 def coords(b, h, w):
@@ -96,10 +105,26 @@ def test_pixel_stats_from_json():
     s = PixelStats.from_json(STATS_JSON, "cpu")
     assert s.eigvec.shape == (3, 3) and s.eigvec.dtype == torch.float32
     assert s.eigvec[0, 1].item() == pytest.approx(0.7192)  # row 0, column 1: component 0 of vector 1
-    with pytest.raises(ValueError, match="pixel statistics lack 'eigval'"):
+    with pytest.raises(StatsError, match="^pixel statistics: lacks 'eigval'$"):
         PixelStats.from_json({k: v for k, v in STATS_JSON.items() if k != "eigval"}, "cpu")
-    with pytest.raises(ValueError, match=r"'std' has shape \(2,\), expected \(3,\)"):
+    with pytest.raises(StatsError, match=r"^pixel statistics: 'std' has shape \(2,\), expected \(3,\)$"):
         PixelStats.from_json({**STATS_JSON, "std": [1.0, 2.0]}, "cpu")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("std", [0.229, 0.0, 0.225], "'std' must be positive in every channel, not [0.229, 0.0, 0.225]"),
+    ("std", [0.229, -0.1, 0.225], "'std' must be positive in every channel, not [0.229, -0.1, 0.225]"),
+    ("mean", [0.5, float("nan"), 0.4], "'mean' is not finite: [0.5, nan, 0.4]"),
+    ("eigval", [float("inf"), 0.1, 0.01], "'eigval' is not finite: [inf, 0.1, 0.01]"),
+    ("std", ["0.2", "x", "0.2"], "'std' is not a list of numbers: ['0.2', 'x', '0.2']"),
+    ("mean", "grey", "'mean' is not a list of numbers: grey"),
+    ("eigvec", [[1, 0, 0], [0, 1], [0, 0, 1]], "'eigvec' is not a list of numbers: [[1, 0, 0], [0, 1], [0, 0, 1]]"),
+])
+def test_pixel_stats_refuses_values_that_cannot_scale_inputs(key, value, message):
+    """std 0 would divide by zero, NaN or text would train on garbage: refused, naming the source."""
+    with pytest.raises(StatsError) as e:
+        PixelStats.from_json({**STATS_JSON, key: value}, source="shards/stats.json")
+    assert str(e.value) == f"shards/stats.json: {message}"
 
 
 def test_lighting_offset_is_the_formula():
@@ -144,45 +169,64 @@ def test_normalize_exact():
 def test_train_views_is_crop_lighting_normalize():
     s = PixelStats.from_json(STATS_JSON)
     x = torch.randint(0, 256, (8, 3, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
-    got = train_views(x, s, 32, generator=torch.Generator().manual_seed(11), lighting_std=0.1)
+    got = train_views(x, s, 32, scaling="standardize", generator=torch.Generator().manual_seed(11), lighting_std=0.1)
     g = torch.Generator().manual_seed(11)
     crops = random_crop_flip(x, 32, g).float() / 255
-    want = normalize(pca_lighting(crops, s.eigval, s.eigvec, 0.1, g), s.mean, s.std)
+    lit = pca_lighting(crops, s.eigval, s.eigvec, 0.1, g)
     assert got.dtype == torch.float32 and got.shape == (8, 3, 32, 32)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, normalize(lit, s.mean, s.std), rtol=0, atol=1e-5)
     last = train_views(
-        x.contiguous(memory_format=torch.channels_last), s, 32, generator=torch.Generator().manual_seed(11)
+        x.contiguous(memory_format=torch.channels_last), s, 32, scaling="standardize", generator=torch.Generator().manual_seed(11)
     )
     assert last.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(last, got, rtol=0, atol=0)
+    # The paper's inputs: the same crops and lighting offsets in 0-255 units, minus the mean.
+    paper = train_views(x, s, 32, scaling="subtract-mean", generator=torch.Generator().manual_seed(11), lighting_std=0.1)
+    torch.testing.assert_close(paper, subtract_mean(lit, s.mean), rtol=0, atol=1e-3)
+
+
+def test_subtract_mean_is_raw_pixels_minus_the_mean():
+    """The paper's scaling keeps 0-255 units: a pixel of value v becomes v - 255 mean, exactly."""
+    s = PixelStats.from_json({**STATS_JSON, "mean": [0.5, 0.25, 1.0]})
+    x = torch.tensor([0, 100, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    (view,) = eval_views(x, s, 4, scaling="subtract-mean")
+    assert torch.equal(view, torch.tensor([-127.5, 36.25, 0.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="input scaling must be one of subtract-mean, standardize, not 'unit'"):
+        eval_views(x, s, 4, scaling="unit")
 
 
 def test_eval_views_are_the_hand_cut_crops():
     s = PixelStats.from_json(STATS_JSON)
-    # odd margins (7 and 11) pin the centre's rounding: offsets 3 and 5
+    # odd margins (7 and 11) pin the center's rounding: offsets 3 and 5
     x = torch.randint(0, 256, (4, 3, 31, 35), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
     size = 24
 
     def norm(crop):
         return normalize(crop.float() / 255, s.mean, s.std)
 
+    def paper(crop):
+        return subtract_mean(crop.float() / 255, s.mean)
+
     corners = [
         x[:, :, :24, :24],  # top-left
         x[:, :, :24, 11:],  # top-right
         x[:, :, 7:, :24],  # bottom-left
         x[:, :, 7:, 11:],  # bottom-right
-        x[:, :, 3:27, 5:29],  # centre
+        x[:, :, 3:27, 5:29],  # center
     ]
-    ten = eval_views(x, s, size, mode="ten")
+    ten = eval_views(x, s, size, mode="ten", scaling="standardize")
+    paper_ten = eval_views(x, s, size, mode="ten", scaling="subtract-mean")
     assert ten.shape == (10, 4, 3, size, size) and ten.dtype == torch.float32
     for v, crop in enumerate(corners):
         torch.testing.assert_close(ten[v], norm(crop), rtol=0, atol=1e-5)
         torch.testing.assert_close(ten[v + 5], norm(crop.flip(-1)), rtol=0, atol=1e-5)
-    center = eval_views(x, s, size, mode="center")
+        torch.testing.assert_close(paper_ten[v], paper(crop), rtol=0, atol=1e-4)
+        torch.testing.assert_close(paper_ten[v + 5], paper(crop.flip(-1)), rtol=0, atol=1e-4)
+    center = eval_views(x, s, size, mode="center", scaling="standardize")
     assert center.shape == (1, 4, 3, size, size)
     torch.testing.assert_close(center[0], norm(corners[4]), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="eval mode must be 'center' or 'ten', not 'five'"):
-        eval_views(x, s, size, mode="five")
+        eval_views(x, s, size, mode="five", scaling="standardize")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -191,13 +235,14 @@ def test_cuda_views():
     x = torch.randint(0, 256, (64, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
     xc = x.cuda().contiguous(memory_format=torch.channels_last)
     # draws on a CUDA generator: shapes, dtypes and devices
-    out = train_views(xc, s, generator=torch.Generator("cuda").manual_seed(0))
+    out = train_views(xc, s, scaling="subtract-mean", generator=torch.Generator("cuda").manual_seed(0))
     assert out.shape == (64, 3, 224, 224) and out.dtype == torch.float32 and out.is_cuda
     assert out.is_contiguous(memory_format=torch.channels_last)
     # draws on a CPU generator are the same on any device, so the GPU result must match the CPU one
-    got = train_views(xc, s, generator=torch.Generator().manual_seed(1))
-    want = train_views(x, PixelStats.from_json(STATS_JSON), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)
-    views = eval_views(xc, s, mode="ten")
-    assert views.shape == (10, 64, 3, 224, 224) and views.is_cuda
-    torch.testing.assert_close(views.cpu(), eval_views(x, PixelStats.from_json(STATS_JSON), mode="ten"))
+    for scaling, atol in (("standardize", 1e-5), ("subtract-mean", 1e-3)):
+        got = train_views(xc, s, scaling=scaling, generator=torch.Generator().manual_seed(1))
+        want = train_views(x, PixelStats.from_json(STATS_JSON), scaling=scaling, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=atol)
+        views = eval_views(xc, s, mode="ten", scaling=scaling)
+        assert views.shape == (10, 64, 3, 224, 224) and views.is_cuda
+        torch.testing.assert_close(views.cpu(), eval_views(x, PixelStats.from_json(STATS_JSON), mode="ten", scaling=scaling))

@@ -16,6 +16,8 @@ import torch
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig
+from train.evaluate import evaluate_checkpoint
+from train.model import build_model
 
 ALEXTRAIN = [sys.executable, "-m", "train.cli"]
 
@@ -111,3 +113,57 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an alextrain checkpoint"):
         checkpoint.load(tmp_path / "other.pt")
+
+
+def test_zero_byte_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(tmp_path / "empty.pt")
+    assert str(e.value).startswith(f"{tmp_path / 'empty.pt'}: unreadable checkpoint (") and "\n" not in str(e.value)
+
+
+def test_weights_of_another_arch_are_one_line(tmp_path):
+    torch.manual_seed(0)
+    state = {"format": checkpoint.FORMAT, "model": build_model("alexnet-tv", 10).state_dict(), "epoch": 1, "step": 0,
+             "config": TrainConfig(shards="x", arch="alexnet").to_dict(), "classes": [{"index": i} for i in range(10)]}
+    checkpoint.save(state, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_model(tmp_path, torch.device("cpu"))
+    assert str(e.value) == (f"{tmp_path / 'last.pt'}: its weights do not fit --arch alexnet (a checkpoint of another "
+                            "architecture or class count)")
+
+
+def test_a_pipe_command_in_a_checkpoint_is_never_run(tmp_path):
+    """A checkpoint is data; its config.shards must not become a shell command for eval or --resume."""
+    marker = tmp_path / "ran"
+    state = {"format": checkpoint.FORMAT, "model": {}, "epoch": 1, "step": 0, "classes": [],
+             "config": TrainConfig(shards=f"pipe:touch {marker}; cat shards/{{}}").to_dict()}
+    checkpoint.save(state, tmp_path / "last.pt")
+    refusal = (f"{tmp_path / 'last.pt'}: its shards are a shell command ('pipe:touch {marker}; cat shards/{{}}'); "
+               "not run from a checkpoint: give --shards on the command line")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.config_for_resume(tmp_path, {"epochs": 5})
+    assert str(e.value) == refusal
+    # typed on this command line, it is the user's own command
+    assert checkpoint.config_for_resume(tmp_path, {"shards": "pipe:cat x/{}"}).shards == "pipe:cat x/{}"
+    with pytest.raises(CheckpointError) as e:
+        evaluate_checkpoint(str(tmp_path), device="cpu")
+    assert str(e.value) == refusal and not marker.exists()
+
+
+def test_save_removes_stale_temporary_checkpoints_and_nothing_else(tmp_path):
+    """A kill during a save leaves `.tmp-last.pt.XXXXXXXX` (up to a whole checkpoint): the next save
+    removes it; a user's own `.tmp-` files stay."""
+    stale = [tmp_path / ".tmp-last.pt.k2j4h5_x", tmp_path / ".tmp-best.pt.link"]
+    kept = [tmp_path / ".tmp-draft.txt", tmp_path / ".tmp-last.pt"]  # not one of our temporary names
+    for p in stale + kept:
+        p.write_bytes(b"x" * 100)
+    checkpoint.save({"format": checkpoint.FORMAT}, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pt"] + [p.name for p in kept])
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "start", "global_step": 0}\n')
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resolve(tmp_path)
+    assert str(e.value) == f"{tmp_path}: the run stopped before its first checkpoint; start it again without --resume"

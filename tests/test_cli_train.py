@@ -2,15 +2,22 @@
 the training command."""
 
 import dataclasses
+import json
+import os
+import re
 import shutil
+import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from train import checkpoint
 from train.cli import main
 from train.config import TrainConfig
 
@@ -25,6 +32,13 @@ def error_line(result) -> str:
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("Error: ")
     return lines[0][len("Error: ") :]
+
+
+def final_error(result) -> str:
+    """The error line that ends a failed training run (after its progress bar), without a traceback."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0][len("Error: ") :]
 
 
 @pytest.fixture
@@ -88,12 +102,16 @@ def test_bad_values_and_run_folder_clashes(demo_shards, tmp_path):
         assert error_line(invoke("--shards", str(demo_shards), "--device", "cuda")) == "--device cuda: no CUDA device available"
         assert error_line(invoke("--shards", str(demo_shards), "--decode", "gpu", "--device", "cpu")) == "--decode gpu needs a CUDA device"
         assert error_line(invoke("--shards", str(demo_shards), "--decode", "both", "--device", "cpu")) == "--decode both needs a CUDA device"
+    for value in ("nan", "inf", "-inf"):
+        assert error_line(invoke("--shards", str(demo_shards), "--lr", value)) == f"lr must be a finite number, not {float(value)}"
+    assert error_line(invoke("--shards", str(demo_shards), "--lighting-std", "nan")) == "lighting_std must be a finite number, not nan"
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("")
-    assert error_line(invoke("--shards", str(demo_shards), "--out", str(run))) == (
-        f"{run} already holds a run (metrics.jsonl); continue it with --resume {run}, or pick another --out")
     assert error_line(invoke("--resume", str(run))) == f"{run / 'last.pt'}: no checkpoint here"
+    (run / "last.pt").write_bytes(b"")
+    assert error_line(invoke("--shards", str(demo_shards), "--out", str(run))) == (
+        f"{run} already holds a run (last.pt); continue it with --resume {run}, or pick another --out")
+    assert error_line(invoke("--resume", str(run))).startswith(f"{run / 'last.pt'}: unreadable checkpoint (")
 
 
 def test_usage_errors():
@@ -108,3 +126,85 @@ def test_predict_and_eval_errors(tmp_path):
     not_image.write_text("not a picture")
     assert error_line(invoke("predict", "--checkpoint", str(tmp_path), str(not_image))) == f"{tmp_path / 'last.pt'}: no checkpoint here"
     assert error_line(invoke("eval", "--checkpoint", str(tmp_path / "x.pt"))) == f"{tmp_path / 'x.pt'}: no checkpoint here"
+
+
+# A run of two steps that costs seconds: BatchNorm AlexNet on 64 px crops, no loader processes.
+TINY = ["--arch", "alexnet-bn", "--crop-size", "64", "--batch-size", "8", "--epochs", "1", "--steps-per-epoch", "2",
+        "--workers", "0", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_starts_over(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"kind": "start", "global_step": 0}\n{"kind": "train_step", "global_step": 1}\n')
+    (run / ".tmp-last.pt.a1b2c3d4").write_bytes(b"\0" * 1000)  # a save killed half-way
+    assert error_line(invoke("--resume", str(run))) == f"{run}: the run stopped before its first checkpoint; start it again without --resume"
+    result = invoke("--shards", str(demo_shards), "--out", str(run), *TINY)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["start", "train_step", "epoch"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+
+
+@pytest.mark.slow
+def test_a_loss_that_is_not_finite_stops_the_run_keeping_the_last_good_checkpoint(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "--steps-per-epoch", "6", "--log-every", "1", "--save-every", "1", "--lr", "1e4"]
+    line = final_error(invoke("--shards", str(demo_shards), "--out", str(run), *args))
+    assert re.fullmatch(r"stopped: the loss is (nan|inf) at step 3; the last finite loss was \S+ at step 2; "
+                        r"last.pt keeps the last checkpoint saved before it \(try a lower --lr\)", line), line
+    assert checkpoint.load(run)["global_step"] == 2 and not (run / "best.pt").exists()
+    assert [r["global_step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: a checkpoint (about 460 MB) cannot fit. Needs root and mount rights."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_or_a_file_in_the_way_is_one_line(demo_shards, tmp_path, full_disk):
+    line = final_error(invoke("--shards", str(demo_shards), "--out", str(full_disk / "run"), *TINY))
+    assert line == f"{full_disk / 'run'}: cannot write (No space left on device)"
+    assert sorted(p.name for p in (full_disk / "run").iterdir()) == ["config.json", "metrics.jsonl"]
+    (tmp_path / "file").write_text("")
+    line = error_line(invoke("--shards", str(demo_shards), "--out", str(tmp_path / "file" / "run"), *TINY))
+    assert line == f"{tmp_path / 'file' / 'run'}: cannot write (Not a directory)"
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_ends_the_run_with_one_line(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["--shards", str(demo_shards), "--out", str(out), "--arch", "alexnet-bn", "--crop-size", "64", "--batch-size", "8",
+            "--steps-per-epoch", "1000", "--log-every", "1", "--workers", "2", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "train.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and "train_step" in (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line and "s/it]" not in line]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[-1].startswith("Error: loader worker "), lines[-1]
+
+
+def test_bad_eval_and_predict_numbers_are_usage_errors(tmp_path):
+    picture = tmp_path / "p.png"
+    picture.write_bytes(b"")
+    for args, option in ((["eval", "--checkpoint", "x", "--batch-size", "0"], "--batch-size"),
+                         (["predict", "--checkpoint", "x", str(picture), "--top", "-1"], "--top")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and "Traceback" not in result.output

@@ -57,27 +57,27 @@ def test_short_run_learns_the_demo_set(run, demo_shards):
 @pytest.mark.slow
 def test_eval_json_matches_the_run_and_ten_crop_counts_every_image(run, demo_shards):
     last_epoch = records(run, "epoch")[-1]
-    centre = json.loads(invoke("eval", "--checkpoint", str(run), "--center", "--json", "--batch-size", "32", "--workers", "2"))
-    assert centre["samples"] == 100 and centre["views"] == 1 and centre["mode"] == "center" and centre["epoch"] == 4
+    center = json.loads(invoke("eval", "--checkpoint", str(run), "--center", "--json", "--batch-size", "32", "--workers", "2"))
+    assert center["samples"] == 100 and center["views"] == 1 and center["mode"] == "center" and center["epoch"] == 4
     # The same weights, batches and code as the run's own last evaluation: the same numbers.
-    assert (centre["top1_err"], centre["top5_err"]) == (last_epoch["val_top1_err"], last_epoch["val_top5_err"])
-    assert centre["loss"] == pytest.approx(last_epoch["val_loss"], rel=1e-6)
+    assert (center["top1_err"], center["top5_err"]) == (last_epoch["val_top1_err"], last_epoch["val_top5_err"])
+    assert center["loss"] == pytest.approx(last_epoch["val_loss"], rel=1e-6)
     ten = json.loads(invoke("eval", "--checkpoint", str(run / "last.pt"), "--shards", str(demo_shards), "--ten-crop", "--json",
                             "--workers", "2"))
     assert ten["samples"] == 100 and ten["views"] == 10 and ten["shards"] == str(demo_shards)
     # (64 px corner crops of these pictures often miss the pattern: no claim that ten crops do better.)
     assert all(round(ten[k] * 100, 6) == round(ten[k] * 100) for k in ("top1_err", "top5_err")) and ten["top5_err"] <= ten["top1_err"]
-    # The ten-crop pass also scores its centre view alone: the centre-crop protocol's numbers.
-    assert (ten["center_top1_err"], ten["center_top5_err"]) == (centre["top1_err"], centre["top5_err"])
+    # The ten-crop pass also scores its center view alone: the center-crop protocol's numbers.
+    assert (ten["center_top1_err"], ten["center_top5_err"]) == (center["top1_err"], center["top5_err"])
     text = invoke("eval", "--checkpoint", str(run), "--batch-size", "32", "--workers", "2")
-    assert text == (f"{demo_shards} validation, 100 images, centre crop: top-1 error {centre['top1_err']:.2%}, top-5 error {centre['top5_err']:.2%}\n"
+    assert text == (f"{demo_shards} validation, 100 images, center crop: top-1 error {center['top1_err']:.2%}, top-5 error {center['top5_err']:.2%}\n"
                     f"{demo_shards} validation, 100 images, ten crops: top-1 error {ten['top1_err']:.2%}, top-5 error {ten['top5_err']:.2%}\n")
 
 
 @pytest.mark.slow
 def test_predict_top5_on_jpeg_and_png(run, demo_shards, tmp_path):
     """A validation picture as its JPEG bytes and as a PNG of its decoded pixels: the PNG's top 5 are
-    exactly the model's softmax over the centre crop; the JPEG (decoded by Pillow) agrees."""
+    exactly the model's softmax over the center crop; the JPEG (decoded by Pillow) agrees."""
     with tarfile.open(demo_shards / "validation-000000.tar") as tar:
         jpg = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read()
     (tmp_path / "picture.jpg").write_bytes(jpg)
@@ -110,28 +110,17 @@ def test_predict_top5_on_jpeg_and_png(run, demo_shards, tmp_path):
     assert result.exit_code == 1 and result.output.startswith(f"Error: {not_image}: cannot read image (")
 
 
-def test_load_image_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
-    # 400 x 256 (already 256 high): no resampling, columns 72..327 survive; the columns encode x.
-    pixels = np.zeros((256, 400, 3), dtype=np.uint8)
-    pixels[:, :, 0] = np.arange(400) % 256
-    pixels[:, :, 1] = np.arange(256)[:, None]
-    Image.fromarray(pixels).save(tmp_path / "wide.png")
-    image = load_image(tmp_path / "wide.png")
-    assert image.shape == (3, 256, 256) and image.dtype == torch.uint8
-    assert torch.equal(image, torch.from_numpy(pixels[:, 72:328]).permute(2, 0, 1))
-    # 150 x 600 grey, palette mode: upscaled to 256 x 1024, converted to RGB, centre rows kept.
-    Image.fromarray(np.full((600, 150), 77, dtype=np.uint8)).convert("P").save(tmp_path / "tall.png")
-    assert torch.equal(load_image(tmp_path / "tall.png"), torch.full((3, 256, 256), 77, dtype=torch.uint8))
-
-
 def test_schedules():
-    def lrs(schedule, **kw):
-        s = Schedule(TrainConfig(shards="x", schedule=schedule, epochs=4, **kw), base_lr=0.1, steps_per_epoch=10)
+    def lrs(schedule, arch="alexnet-bn", **kw):
+        s = Schedule(TrainConfig(shards="x", arch=arch, schedule=schedule, epochs=4, **kw), base_lr=0.1, steps_per_epoch=10)
         return s, [round(s.lr(step), 6) for step in (0, 9, 10, 20, 39)]
 
     assert lrs("step", step_epochs=2)[1] == [0.1, 0.1, 0.1, 0.01, 0.01]
     assert lrs("cosine")[1] == [0.1, round(0.05 * (1 + np.cos(np.pi * 9 / 40)), 6), 0.085355, 0.05, round(0.05 * (1 + np.cos(np.pi * 39 / 40)), 6)]
     assert lrs("step", step_epochs=2, warmup_epochs=1)[1] == [0.01, 0.1, 0.1, 0.01, 0.01]
+    # The paper's model warms up over its first 150 steps unless --warmup-epochs says otherwise.
+    assert lrs("step", arch="alexnet", step_epochs=100)[1] == [round(0.1 * k / 150, 6) for k in (1, 10, 11, 21, 40)]
+    assert lrs("step", arch="alexnet", step_epochs=100, warmup_epochs=0)[1] == [0.1] * 5
     plateau, values = lrs("plateau", patience=2)
     assert values == [0.1] * 5
     for err in (0.5, 0.4, 0.45, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3):

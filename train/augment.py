@@ -1,9 +1,10 @@
 """Batched augmentation: pure tensor functions on uint8 (B, 3, H, W) batches, on the CPU or the GPU.
 
 Training (the paper's): an independent random size x size crop and a horizontal flip with p=0.5 per
-image, on the uint8 pixels; then 0..1 floats, PCA lighting (alpha ~ N(0, 0.1) per image, drawn once
-per image and added to every pixel), mean/std normalisation. Evaluation: the centre crop, or the
-paper's ten crops. Randomness comes only from the torch.Generator passed in; the random draws happen on
+image, on the uint8 pixels; then PCA lighting (alpha ~ N(0, 0.1) per image, drawn once per image and
+added to every pixel) and the model's input scaling (INPUT_SCALINGS), fused into one multiply-add.
+Evaluation: the center crop, or the paper's ten crops, with the same input scaling. Why each model
+gets which scaling, and the units of the lighting: docs/recipe.md. Randomness comes only from the torch.Generator passed in; the random draws happen on
 the generator's device (put it on the batch's device for speed, or on the CPU to get the same draws on
 any device) and are consumed in a fixed order: crop rows, crop columns, flips, lighting alphas.
 Memory format is kept: a channels_last batch gives channels_last views.
@@ -12,6 +13,15 @@ Memory format is kept: a channels_last batch gives channels_last views.
 from dataclasses import dataclass
 
 import torch
+
+# How pixels become model inputs, per architecture (train/model.py: INPUTS):
+#   "subtract-mean": the paper's, raw 0-255 values minus the training set's per-channel mean;
+#   "standardize":   (x / 255 - mean) / std per channel, unit variance (torchvision's convention).
+INPUT_SCALINGS = ("subtract-mean", "standardize")
+
+
+class StatsError(ValueError):
+    """Pixel statistics that cannot be used (missing, malformed, not finite, std not positive)."""
 
 
 @dataclass
@@ -24,17 +34,25 @@ class PixelStats:
     eigvec: torch.Tensor  # (3, 3) unit eigenvectors as columns: eigvec[:, j] belongs to eigval[j]
 
     @classmethod
-    def from_json(cls, d: dict, device: torch.device | str = "cpu") -> "PixelStats":
-        """From the content of stats.json (keys mean, std, eigval, eigvec)."""
+    def from_json(cls, d: dict, device: torch.device | str = "cpu", source: str = "pixel statistics") -> "PixelStats":
+        """From the content of stats.json (keys mean, std, eigval, eigvec); `source` names it in errors.
+        Raises StatsError for missing keys, wrong shapes, non-numbers, non-finite values or a std <= 0."""
         shapes = {"mean": (3,), "std": (3,), "eigval": (3,), "eigvec": (3, 3)}
         values = {}
         for key, shape in shapes.items():
-            if key not in d:
-                raise ValueError(f"pixel statistics lack {key!r}")
-            values[key] = torch.tensor(d[key], dtype=torch.float32, device=device)
+            if not isinstance(d, dict) or key not in d:
+                raise StatsError(f"{source}: lacks {key!r}")
+            try:
+                values[key] = torch.tensor(d[key], dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise StatsError(f"{source}: {key!r} is not a list of numbers: {str(d[key])[:60]}") from None
             if values[key].shape != shape:
-                raise ValueError(f"pixel statistics {key!r} has shape {tuple(values[key].shape)}, expected {shape}")
-        return cls(**values)
+                raise StatsError(f"{source}: {key!r} has shape {tuple(values[key].shape)}, expected {shape}")
+            if not values[key].isfinite().all():
+                raise StatsError(f"{source}: {key!r} is not finite: {d[key]}")
+        if not (values["std"] > 0).all():
+            raise StatsError(f"{source}: 'std' must be positive in every channel, not {d['std']}")
+        return cls(**{k: v.to(device, torch.float32) for k, v in values.items()})
 
 
 def _check_batch(x: torch.Tensor, size: int) -> tuple[int, int, int]:
@@ -74,46 +92,35 @@ def lighting_offset(alpha: torch.Tensor, eigval: torch.Tensor, eigvec: torch.Ten
     return (alpha * eigval) @ eigvec.T
 
 
-def pca_lighting(
-    x: torch.Tensor, eigval: torch.Tensor, eigvec: torch.Tensor, std: float, generator: torch.Generator
-) -> torch.Tensor:
-    """The paper's PCA lighting on (B, 3, H, W) floats on the 0..1 scale: every pixel of image n gets
-    the same RGB offset eigvec @ (alpha_n * eigval), alpha_n ~ N(0, std) per component. Not clamped
-    to 0..1, as in the paper (it adds the offset to the raw values; normalisation follows)."""
-    alpha = lighting_alpha(x.shape[0], std, generator, x.device)
-    return x + lighting_offset(alpha, eigval, eigvec)[:, :, None, None]
-
-
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) floats -> (x - mean) / std per channel."""
-    return (x - mean[:, None, None]) / std[:, None, None]
-
-
-def _to_normalized(x_u8: torch.Tensor, stats: PixelStats, offset: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) uint8 -> normalize(x / 255 + offset, mean, std) as float32, in one pass:
-    x * scale + shift with scale = 1 / (255 std) per channel and shift = (offset - mean) / std,
-    offset (3,) or (B, 3). addcmul reads the uint8 directly, so no float copy of the batch is made."""
-    scale = (1.0 / (255.0 * stats.std))[:, None, None]  # (3, 1, 1)
-    shift = ((offset - stats.mean) / stats.std)[..., None, None]  # (3, 1, 1) or (B, 3, 1, 1)
-    return torch.addcmul(shift, x_u8, scale)
+def _to_inputs(x_u8: torch.Tensor, stats: PixelStats, offset: torch.Tensor, scaling: str) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float32 model inputs x * scale + shift in one pass, for x / 255 + offset
+    on the 0..1 scale (offset (3,) or (B, 3): the lighting). "standardize": (x / 255 + offset - mean)
+    / std; "subtract-mean": 255 (x / 255 + offset - mean) = x + 255 (offset - mean), 0-255 units.
+    addcmul reads the uint8 directly, so no float copy of the batch is made."""
+    if scaling == "standardize":
+        scale, shift = 1.0 / (255.0 * stats.std), (offset - stats.mean) / stats.std
+    elif scaling == "subtract-mean":
+        scale, shift = torch.ones_like(stats.std), 255.0 * (offset - stats.mean)
+    else:
+        raise ValueError(f"input scaling must be one of {', '.join(INPUT_SCALINGS)}, not {scaling!r}")
+    return torch.addcmul(shift[..., None, None], x_u8, scale[:, None, None])  # shift (3 or B, 3, 1, 1), scale (3, 1, 1)
 
 
 def train_views(
-    x_u8: torch.Tensor, stats: PixelStats, size: int = 224, *, generator: torch.Generator, lighting_std: float = 0.1
+    x_u8: torch.Tensor, stats: PixelStats, size: int = 224, *, scaling: str, generator: torch.Generator, lighting_std: float = 0.1
 ) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> (B, 3, size, size) float32 training inputs: crop and flip, 0..1 scale,
-    PCA lighting, normalisation. Equal (to float rounding) to
-    normalize(pca_lighting(random_crop_flip(x, size, g).float() / 255, ...), mean, std) with the same
-    generator state; the last three steps are fused into one multiply-add per pixel."""
+    """(B, 3, H, W) uint8 -> (B, 3, size, size) float32 training inputs: crop and flip, then PCA
+    lighting on the 0..1 scale (each image's offset eigvec @ (alpha * eigval)) and the input
+    `scaling`, fused into one multiply-add per pixel."""
     x = random_crop_flip(x_u8, size, generator)
     alpha = lighting_alpha(x.shape[0], lighting_std, generator, x.device)
-    return _to_normalized(x, stats, lighting_offset(alpha, stats.eigval, stats.eigvec))
+    return _to_inputs(x, stats, lighting_offset(alpha, stats.eigval, stats.eigvec), scaling)
 
 
-def eval_views(x_u8: torch.Tensor, stats: PixelStats, size: int = 224, mode: str = "center") -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> (V, B, 3, size, size) float32 normalised views.
-    mode="center": V=1, the centre crop. mode="ten": V=10, the paper's test views in this order:
-    top-left, top-right, bottom-left, bottom-right, centre, then the left-right mirror images of those
+def eval_views(x_u8: torch.Tensor, stats: PixelStats, size: int = 224, mode: str = "center", *, scaling: str) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (V, B, 3, size, size) float32 views in the input `scaling`.
+    mode="center": V=1, the center crop. mode="ten": V=10, the paper's test views in this order:
+    top-left, top-right, bottom-left, bottom-right, center, then the left-right mirror images of those
     five in the same order. The caller averages the softmax over V."""
     _, h, w = _check_batch(x_u8, size)
     top, left = (h - size) // 2, (w - size) // 2
@@ -126,4 +133,4 @@ def eval_views(x_u8: torch.Tensor, stats: PixelStats, size: int = 224, mode: str
     views = torch.stack([x_u8[:, :, t : t + size, l : l + size] for t, l in origins])  # (V, B, 3, size, size)
     if mode == "ten":
         views = torch.cat([views, views.flip(-1)])
-    return _to_normalized(views, stats, torch.zeros_like(stats.mean))
+    return _to_inputs(views, stats, torch.zeros_like(stats.mean), scaling)

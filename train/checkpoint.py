@@ -15,7 +15,9 @@ A checkpoint is a dict of tensors and plain values only (so `torch.load(weights_
                   waiting for data), so the epoch's record is whole after a mid-epoch resume
     config        the TrainConfig as a dict
     classes       [{"index", "wnid", "name"}] from _info.json
-    stats         stats.json's content (eval and predict normalise with it, without the shard folder)
+    stats         stats.json's content (eval and predict scale inputs with it, without the shard folder)
+    inputs        how pixels became the model's inputs (train/augment.py: INPUT_SCALINGS); checkpoints
+                  written before it was recorded lack it and were trained with "standardize"
 
 No RNG states are stored because none carry over between steps: every random draw (initial weights
 aside) comes from generators seeded with (seed, epoch, step, rank) at each step (train/loop.py), so
@@ -32,11 +34,12 @@ import torch
 from torch import nn
 
 from prep.contract import atomic_write
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 from train.model import build_model
 
 FORMAT = 1
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+UNRECORDED_INPUTS = "standardize"  # what every checkpoint without an "inputs" record was trained with
 
 
 class CheckpointError(Exception):
@@ -44,9 +47,44 @@ class CheckpointError(Exception):
 
 
 def save(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` through a temporary file, so a kill never leaves half a checkpoint."""
+    """Write `state` to `path` through a temporary file, so a kill never leaves half a checkpoint.
+    First removes what a save killed earlier left behind: our own temporary names for `path`."""
+    remove_stale_temps(Path(path).parent)
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        writer = _Writes(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch's zip writer turns a failed write (a full disk) into a vague RuntimeError
+                raise writer.error from None
+            raise
+
+
+class _Writes:
+    """A file's write() that remembers the OSError it raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed save or link left in `folder` (atomic_write's
+    `.tmp-last.pt.XXXXXXXX`, up to a whole checkpoint each, and link's `.tmp-best.pt.link`); only
+    those names, only regular files. Returns what was removed."""
+    stale = [p for name in (LAST, BEST) for p in Path(folder).glob(f".tmp-{name}.*") if p.is_file() and not p.is_symlink()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def link(source: str | Path, path: str | Path) -> None:
@@ -63,6 +101,8 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's last.pt."""
     path = Path(path)
     if path.is_dir():
+        if not (path / LAST).exists() and (path / METRICS).exists():
+            raise CheckpointError(f"{path}: the run stopped before its first checkpoint; start it again without --resume")
         path = path / LAST
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here")
@@ -75,23 +115,62 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors have no common base class
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # a 0-byte file raises an exception with no message
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an alextrain checkpoint of format {FORMAT}")
     return state
 
 
+def input_scaling(state: dict) -> str:
+    """How the checkpoint's model was fed during training, so eval, predict and resume feed it alike."""
+    return state.get("inputs", UNRECORDED_INPUTS)
+
+
+def trusted_shards(path: str | Path, shards: str | None) -> str | None:
+    """The shard location a checkpoint names, unless it is a `pipe:` command: a checkpoint is data
+    (possibly a stranger's), so nothing in it may become a shell command; only a `--shards` typed on
+    the command line may be one."""
+    if shards is not None and shards.startswith("pipe:"):
+        raise CheckpointError(f"{path}: its shards are a shell command ({shards!r}); "
+                              "not run from a checkpoint: give --shards on the command line")
+    return shards
+
+
 def config_for_resume(resume: str | Path, overrides: dict) -> TrainConfig:
     """The configuration of the run in `resume`, with `overrides` (options given on this command
-    line) on top; `resume` itself is recorded as the checkpoint file."""
+    line) on top; `resume` itself is recorded as the checkpoint file. A `pipe:` shard location from
+    the checkpoint is refused unless `overrides` gives the shards."""
     path = resolve(resume)
-    config = TrainConfig.from_dict(load(path)["config"])
+    try:
+        config = TrainConfig.from_dict(load(path)["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: its configuration is not one this alextrain reads ({e})") from None
+    if "shards" not in overrides:
+        trusted_shards(path, config.shards)
     return config.replace(**{**overrides, "resume": str(path)})
+
+
+def load_weights(model: nn.Module, weights: dict, path: str | Path, arch: str) -> None:
+    """Load a checkpoint's state_dict into `model` (an `arch`); one line instead of a key dump when
+    they do not fit (a checkpoint of another --arch or class count)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        raise CheckpointError(f"{path}: its weights do not fit --arch {arch} (a checkpoint of another architecture "
+                              "or class count)") from None
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     """The trained model of a checkpoint, in eval mode on `device`, and the checkpoint itself."""
+    path = resolve(path)
     state = load(path, map_location=device)
-    model = build_model(state["config"]["arch"], num_classes=len(state["classes"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+    return model_from(state, path, device), state
+
+
+def model_from(state: dict, path: str | Path, device: torch.device) -> nn.Module:
+    """The trained model of the checkpoint `state` (read from `path`), in eval mode on `device`."""
+    arch = state["config"]["arch"]
+    model = build_model(arch, num_classes=len(state["classes"]))
+    load_weights(model, state["model"], path, arch)
+    return model.to(device).eval()

@@ -14,6 +14,8 @@ from click.core import ParameterSource
 
 from prep.contract import ContractError
 from train import checkpoint, dist, loop
+from train.augment import StatsError
+from train.loader import LoaderWorkerError
 from train.checkpoint import CheckpointError
 from train.config import DEVICES, ConfigError, TrainConfig
 from train.evaluate import evaluate_checkpoint
@@ -22,7 +24,8 @@ from train.predict import ImageError, format_predictions, predict_files
 from train.stream import ShardError
 
 # Errors that mean bad input, not a bug: one line, exit status 1.
-USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, loop.RunFolderError)
+USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, StatsError, LoaderWorkerError,
+               loop.RunFolderError, loop.NonFiniteLoss)
 
 
 def train_options(command):
@@ -84,14 +87,15 @@ def train_cmd(ctx: click.Context, **options) -> None:
 @click.option("--checkpoint", "path", required=True, type=click.Path(dir_okay=True), help="checkpoint file, or a run folder (its last.pt)")
 @click.option("--shards", default=None, help="shard folder or URL prefix  [default: the one the checkpoint was trained on]")
 @click.option("--ten-crop/--center", default=True,
-              help="the centre crop and the paper's ten crops (softmax averaged) in one pass, or the centre crop alone  [default: ten-crop]")
-@click.option("--batch-size", default=128, show_default=True, help="images per batch (x10 views with --ten-crop)")
+              help="the center crop and the paper's ten crops (softmax averaged) in one pass, or the center crop alone  [default: ten-crop]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="images per batch (x10 views with --ten-crop)")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="DataLoader worker processes  [default: this machine's cores shared among its ranks, less one each]")
+              help="loader worker processes that read and decode the shards (0 = in the main process)  "
+                   "[default: this machine's cores shared among its ranks, less one each]")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a sentence")
 def eval_cmd(path, shards, ten_crop, batch_size, workers, device, as_json) -> None:
-    """Top-1 and top-5 error of a checkpoint on the validation split: centre crop, and ten crops."""
+    """Top-1 and top-5 error of a checkpoint on the validation split: center crop, and ten crops."""
     try:
         result = evaluate_checkpoint(path, shards, mode="ten" if ten_crop else "center", batch_size=batch_size, workers=workers, device=device)
     except USER_ERRORS as e:
@@ -102,8 +106,8 @@ def eval_cmd(path, shards, ten_crop, batch_size, workers, device, as_json) -> No
         click.echo(json.dumps(result, sort_keys=True))
     else:
         head = f"{result['shards']} validation, {result['samples']} images"
-        centre = (result["center_top1_err"], result["center_top5_err"]) if ten_crop else (result["top1_err"], result["top5_err"])
-        click.echo(f"{head}, centre crop: top-1 error {centre[0]:.2%}, top-5 error {centre[1]:.2%}")
+        center = (result["center_top1_err"], result["center_top5_err"]) if ten_crop else (result["top1_err"], result["top5_err"])
+        click.echo(f"{head}, center crop: top-1 error {center[0]:.2%}, top-5 error {center[1]:.2%}")
         if ten_crop:
             click.echo(f"{head}, ten crops: top-1 error {result['top1_err']:.2%}, top-5 error {result['top5_err']:.2%}")
 
@@ -111,8 +115,8 @@ def eval_cmd(path, shards, ten_crop, batch_size, workers, device, as_json) -> No
 @main.command("predict")
 @click.option("--checkpoint", "path", required=True, type=click.Path(dir_okay=True), help="checkpoint file, or a run folder (its last.pt)")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--ten-crop/--center", default=False, help="average the softmax over ten crops, or use the centre crop  [default: center]")
-@click.option("--top", default=5, show_default=True, help="how many classes to show per image")
+@click.option("--ten-crop/--center", default=False, help="average the softmax over ten crops, or use the center crop  [default: center]")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="how many classes to show per image")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also draw each IMAGE with a bar chart of its classes to this PNG (needs matplotlib)")

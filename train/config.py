@@ -9,11 +9,11 @@ run folder and inside every checkpoint, so a run can always be read back and res
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 
 from train.device_decode import GPU_DECODERS
-from train.model import ARCHS
+from train.model import ARCHS, WARMUP_STEPS
 
 SCHEDULES = ("plateau", "step", "cosine")
 LR_SCALINGS = ("none", "linear")
@@ -44,9 +44,10 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-4, "L2 weight decay on every weight and bias, as in the paper")
     schedule: str = _opt("plateau", "lr schedule: divide by 10 when validation top-1 stops improving (at most 3 times), every --step-epochs, or cosine to 0", choices=SCHEDULES)
-    patience: int = _opt(5, "plateau schedule: epochs without a better validation top-1 before dividing lr by 10")
+    patience: int = _opt(5, "plateau schedule: evaluations (one every --eval-every epochs) without a better validation top-1 before dividing lr by 10")
     step_epochs: int = _opt(30, "step schedule: divide lr by 10 every this many epochs")
-    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 to lr over this many epochs (any schedule)")
+    warmup_epochs: float | None = _opt(None, "linear warm-up from 0 to lr over this many epochs (any schedule)  "
+                                             f"[default: the first {WARMUP_STEPS['alexnet']} steps for --arch alexnet, none for the others; docs/recipe.md]")
     workers: int | None = _opt(None, "loader worker processes per rank that read and decode shards (0 = in the main process)  "
                                      "[default: this machine's cores shared among its ranks, less one each for training]")
     device: str = _opt("auto", "'auto' = cuda if available, else cpu", choices=DEVICES)
@@ -69,6 +70,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type.startswith("float") and value is not None and not math.isfinite(value):  # nan passes every < check
+                raise ConfigError(f"{f.name} must be a finite number, not {value}")
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
@@ -100,6 +104,3 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

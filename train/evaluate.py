@@ -1,9 +1,11 @@
-"""Top-1 / top-5 error on the validation split: centre crop, or the paper's ten crops with the softmax
+"""Top-1 / top-5 error on the validation split: center crop, or the paper's ten crops with the softmax
 averaged over the views. Every validation sample counts exactly once, whatever the world size."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,13 +13,13 @@ from torch import nn
 
 from train import dist
 from train.augment import PixelStats, eval_views
-from train.checkpoint import load_model
+from train.checkpoint import input_scaling, load, model_from, resolve, trusted_shards
 from prep.contract import ContractError
 from train.loader import DeviceLoader, make_loader
 from train.stream import ShardStream, Split, open_shards
 
 
-CENTRE_VIEW = 4  # eval_views(mode="ten") order: 4 corners, centre, then their mirror images
+CENTER_VIEW = 4  # eval_views(mode="ten") order: 4 corners, center, then their mirror images
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -42,6 +44,7 @@ def evaluate(
     stats: PixelStats,
     device: torch.device,
     *,
+    scaling: str,
     batch_size: int = 128,
     crop_size: int = 224,
     mode: str = "center",
@@ -54,15 +57,14 @@ def evaluate(
     """{"top1_err", "top5_err", "loss", "samples", "views"} over the whole split. Each rank reads its
     part (pass the model without its DDP wrapper: ranks see different numbers of batches); the counts
     are summed over ranks. `loss` is the mean negative log of the averaged softmax at the label.
-    mode="ten" also gives "center_top1_err" and "center_top5_err" from the centre view alone, so one
+    mode="ten" also gives "center_top1_err" and "center_top5_err" from the center view alone, so one
     pass yields both of the paper's test protocols."""
     was_training = model.training
     model.eval()
     stream = ShardStream(split, batch_size, train=False, rank=rank, world_size=world_size, decode=decode)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits, centre view's top-1, top-5 hits
-    samples = 0
+    sums = EvalSums.zeros(device)
     for images, labels in DeviceLoader(make_loader(stream, workers, device), device, gpu_decoder):
-        x = eval_views(images, stats, crop_size, mode)  # (V, B, 3, S, S)
+        x = eval_views(images, stats, crop_size, mode, scaling=scaling)  # (V, B, 3, S, S)
         v, b = x.shape[:2]
         x = x.flatten(0, 1)  # (V * B, 3, S, S)
         if device.type == "cuda":
@@ -71,17 +73,57 @@ def evaluate(
             logits = model(x)  # (V * B, C)
         view_probs = F.softmax(logits.float().view(v, b, -1), dim=-1)  # (V, B, C)
         probs = view_probs.mean(dim=0)  # (B, C)
-        nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
-        centre = view_probs[CENTRE_VIEW if v > 1 else 0]  # (B, C)
-        sums += torch.cat([nll.double()[None], topk_correct(probs, labels), topk_correct(centre, labels)])
-        samples += b
+        center = view_probs[CENTER_VIEW if v > 1 else 0]  # (B, C)
+        sums.add(probs, center, labels)
     model.train(was_training)
-    packed = torch.cat([sums, torch.tensor([samples], dtype=torch.float64, device=device)])
-    loss, top1, top5, centre_top1, centre_top5, n = dist.sum_all(packed).tolist()  # the one sync with the device
-    result = {"top1_err": 1 - top1 / n, "top5_err": 1 - top5 / n, "loss": loss / n, "samples": int(n), "views": 1}
+    n = sums.total()  # the one sync with the device
+    result = {"top1_err": 1 - n.top1 / n.samples, "top5_err": 1 - n.top5 / n.samples, "loss": n.nll / n.samples,
+              "samples": int(n.samples), "views": 1}
     if mode == "ten":
-        result.update(views=10, center_top1_err=1 - centre_top1 / n, center_top5_err=1 - centre_top5 / n)
+        result.update(views=10, center_top1_err=1 - n.center_top1 / n.samples, center_top5_err=1 - n.center_top5 / n.samples)
     return result
+
+
+@dataclass
+class EvalSums:
+    """Running sums of an evaluation on this rank, float64 0-d tensors on the device (no sync per batch)."""
+
+    nll: torch.Tensor  # -log of the view-averaged softmax at the label, summed over samples
+    top1: torch.Tensor  # samples whose label is the best of the averaged softmax
+    top5: torch.Tensor
+    center_top1: torch.Tensor  # the same for the center view alone
+    center_top5: torch.Tensor
+    samples: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "EvalSums":
+        return cls(*torch.zeros(len(dataclasses.fields(cls)), dtype=torch.float64, device=device))
+
+    def add(self, probs: torch.Tensor, center: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch: (B, C) averaged and center-view probabilities, (B,) labels."""
+        self.nll += -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().double()
+        top1, top5 = topk_correct(probs, labels)
+        center_top1, center_top5 = topk_correct(center, labels)
+        self.top1 += top1
+        self.top5 += top5
+        self.center_top1 += center_top1
+        self.center_top5 += center_top5
+        self.samples += len(labels)
+
+    def total(self) -> "EvalTotals":
+        """The sums over all ranks, as plain numbers (one collective call)."""
+        packed = torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)])
+        return EvalTotals(*dist.sum_all(packed).tolist())
+
+
+@dataclass
+class EvalTotals:
+    nll: float
+    top1: float
+    top5: float
+    center_top1: float
+    center_top5: float
+    samples: float
 
 
 def evaluate_checkpoint(
@@ -94,15 +136,16 @@ def evaluate_checkpoint(
     try:
         if dev.type == "cuda":
             dev = torch.device("cuda", world.local_rank)
-        model, state = load_model(path, dev)
+        state = load(path, map_location=dev)
+        location = shards or trusted_shards(resolve(path), state["config"]["shards"])
+        model = model_from(state, path, dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        location = shards or state["config"]["shards"]
         folder = open_shards(location, splits=("validation",))
         if [c.wnid for c in folder.classes] != [c["wnid"] for c in state["classes"]]:
             raise ContractError(f"{location}: its classes differ from the {len(state['classes'])} the checkpoint was trained on")
-        stats = PixelStats.from_json(state["stats"], dev)
-        result = evaluate(model, folder.split("validation"), stats, dev, batch_size=batch_size, crop_size=state["config"]["crop_size"],
+        stats = PixelStats.from_json(state["stats"], dev, source=f"{path}: stats")
+        result = evaluate(model, folder.split("validation"), stats, dev, scaling=input_scaling(state), batch_size=batch_size, crop_size=state["config"]["crop_size"],
                           mode=mode, workers=dist.default_workers() if workers is None else workers, rank=world.rank, world_size=world.world_size)
     finally:
         dist.teardown()

@@ -11,9 +11,12 @@ what the uninterrupted run does from step s + 1 on; on the CPU in float32 the lo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,28 +24,33 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from prep.contract import ContractError, atomic_write, write_json
+from prep.contract import STATS_NAME, ContractError, atomic_write, write_json
 from train import checkpoint, dist
 from train.augment import PixelStats, train_views
 from train.config import PAPER_BATCH, ConfigError, TrainConfig
 from train.device_decode import DecoderUnavailable, import_nvimgcodec
 from train.evaluate import autocast, evaluate, topk_correct
 from train.loader import DeviceLoader, make_loader
-from train.model import build_model
-from train.stream import ShardStream, open_shards, seed_for
+from train.model import INPUTS, WARMUP_STEPS, build_model
+from train.stream import ShardStream, join, open_shards, seed_for
 
-METRICS, CONFIG = "metrics.jsonl", "config.json"
+METRICS, CONFIG = checkpoint.METRICS, "config.json"
 
 
 class RunFolderError(Exception):
-    """The run folder holds another run; the message says how to continue it instead."""
+    """The run folder holds another run, or cannot be written; the message says which."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss (or the weights) stopped being finite; the message names the step and the last finite loss."""
 
 
 class Schedule:
     """The learning rate at every step. "plateau" (the paper's): divide by 10 when the validation
     top-1 error has not improved for `patience` evaluations, at most 3 times. "step": divide by 10
-    every `step_epochs` epochs. "cosine": from lr down to 0 over the run. All with an optional linear
-    warm-up from 0 over `warmup_epochs`. State (for plateau) is plain numbers, saved in checkpoints."""
+    every `step_epochs` epochs. "cosine": from lr down to 0 over the run. All with a linear warm-up
+    from 0 over `warmup_epochs` (by default the arch's recipe: train/model.py WARMUP_STEPS). State
+    (for plateau) is plain numbers, saved in checkpoints."""
 
     MAX_REDUCTIONS = 3
 
@@ -52,7 +60,7 @@ class Schedule:
 
     def lr(self, global_step: int) -> float:
         c, spe = self.config, self.steps_per_epoch
-        warmup = c.warmup_epochs * spe  # in steps
+        warmup = WARMUP_STEPS.get(c.arch, 0) if c.warmup_epochs is None else c.warmup_epochs * spe  # in steps
         factor = min(1.0, (global_step + 1) / warmup) if warmup else 1.0
         if c.schedule == "plateau":
             return self.base_lr * 0.1**self.reductions * factor
@@ -110,7 +118,6 @@ class MetricsLog:
 
 def train(config: TrainConfig) -> dict:
     """Train (or resume, when config.resume is set) as configured; returns the last epoch record."""
-    # ---- world and device
     device = dist.resolve_device(config.device)
     world = dist.init(device.type)
     try:
@@ -120,6 +127,220 @@ def train(config: TrainConfig) -> dict:
 
 
 def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict:
+    config, device = _resolve(config, world, device)
+    out = Path(config.out)
+    metrics = MetricsLog(out / METRICS, world.is_main)
+    if (out / checkpoint.LAST).exists() and not config.resume:
+        raise RunFolderError(f"{out} already holds a run ({checkpoint.LAST}); continue it with --resume {out}, or pick another --out")
+
+    # ---- data: the shard folder's splits, classes and pixel statistics
+    shards = open_shards(config.shards)
+    train_split, val_split = shards.split("train"), shards.split("validation")
+    classes = [c.to_json() for c in shards.classes]
+    stats = PixelStats.from_json(shards.stats, device, source=join(config.shards, STATS_NAME))
+    global_batch = config.batch_size * world.world_size
+    steps_per_epoch = config.steps_per_epoch or train_split.num_samples // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{train_split.num_samples} training samples make no step of {global_batch} (batch size x ranks)")
+
+    # ---- model, optimizer and schedule: the same initial weights on every rank; the paper's SGD
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, num_classes=len(classes)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model  # what checkpoints hold, without DDP or compile wrappers
+    base_lr = config.lr * (global_batch / PAPER_BATCH if config.lr_scaling == "linear" else 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    schedule = Schedule(config, base_lr, steps_per_epoch)
+
+    # ---- where the run stands: a fresh start, or a checkpoint's weights, optimizer, schedule, data position
+    at = Position(scaling=INPUTS[config.arch])
+    if config.resume:
+        at = _resume(config, world, device, classes, raw_model, optimizer, schedule, steps_per_epoch)
+
+    if config.compile:
+        model = torch.compile(model)
+    eval_model = model  # evaluation bypasses DDP: ranks see different numbers of validation batches
+    if world.distributed:
+        model = DistributedDataParallel(model, device_ids=[world.local_rank] if device.type == "cuda" else None)
+
+    if world.is_main:
+        with _writing(out):
+            _prepare_run_folder(out, config, metrics)
+            write_json(out / CONFIG, config.to_dict())
+            metrics.rewind(at.global_step, at.epoch)
+            metrics.write({"kind": "start", "time": time.time(), "global_step": at.global_step, "world_size": world.world_size,
+                           "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "resumed_from": config.resume})
+
+    def save(name: str, epoch: int, step: int) -> None:
+        """last.pt (or `name`) for continuing after step `step` of epoch `epoch` (0-based); rank 0 only."""
+        if not world.is_main:
+            return
+        if not all(p.isfinite().all() for p in raw_model.parameters()):  # one pass over the weights, beside a 450 MB write
+            raise NonFiniteLoss(f"the weights are not finite after step {at.global_step}; {out / checkpoint.LAST} keeps the last good ones")
+        with _writing(out):
+            checkpoint.save({
+                "format": checkpoint.FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "epoch": epoch, "step": step, "global_step": at.global_step,
+                "world_size": world.world_size, "best_top1_err": at.best, "epoch_totals": at.totals.to_list(),
+                "config": config.to_dict(), "classes": classes, "stats": shards.stats, "inputs": at.scaling,
+            }, out / name)
+
+    # ---- the epochs
+    aug_gen = torch.Generator(device)
+    record = {}
+    if at.epoch >= config.epochs and world.is_main:
+        tqdm.write(f"{config.resume}: all {config.epochs} epochs are done; pass a larger --epochs to train on")
+    for epoch in range(at.epoch, config.epochs):
+        model.train()
+        stream = ShardStream(train_split, config.batch_size, train=True, seed=config.seed, epoch=epoch, steps=steps_per_epoch,
+                             start=at.step, rank=world.rank, world_size=world.world_size,
+                             shuffle_buffer=config.shuffle_buffer, decode=config.decode)
+        loader = DeviceLoader(make_loader(stream, config.workers, device), device, config.gpu_decoder)
+        interval = Interval(device, at.global_step)
+        with tqdm(total=steps_per_epoch, initial=at.step, desc=f"epoch {epoch + 1}/{config.epochs}",
+                  disable=not world.is_main, dynamic_ncols=True) as bar:
+            for step, (images, labels) in enumerate(loader, start=at.step):
+                lr = schedule.lr(at.global_step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # Every random draw of this step is a function of (seed, epoch, step, rank): resumable.
+                seeds = (seed_for(config.seed, epoch, step, world.rank, 0), seed_for(config.seed, epoch, step, world.rank, 1))
+                loss, logits = train_step(model, optimizer, images, labels, stats, scaling=at.scaling, crop_size=config.crop_size,
+                                          lighting_std=config.lighting_std, generator=aug_gen, seeds=seeds)
+                at.global_step += 1
+                bar.update()
+                interval.add(loss, logits, labels)
+
+                save_now = config.save_every and at.global_step % config.save_every == 0 and step + 1 < steps_per_epoch
+                if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch or save_now:
+                    numbers = interval.close(loader, at)  # syncs with the device and all ranks; raises NonFiniteLoss
+                    at.totals.add(numbers)
+                    _log_interval(metrics, bar, numbers, epoch, step, at.global_step, lr)
+                    interval = Interval(device, at.global_step)
+                    if save_now:
+                        save(checkpoint.LAST, epoch, step + 1)
+
+        # ---- end of epoch: evaluate, adapt the schedule, log, save
+        record = at.totals.record(epoch, at.global_step, lr)
+        is_best = False
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            eval_start = time.perf_counter()
+            val = evaluate(eval_model, val_split, stats, device, scaling=at.scaling, batch_size=config.batch_size,
+                           crop_size=config.crop_size, workers=config.workers, decode=config.decode, gpu_decoder=config.gpu_decoder,
+                           rank=world.rank, world_size=world.world_size)
+            schedule.evaluated(val["top1_err"])
+            is_best = at.best is None or val["top1_err"] < at.best
+            at.best = val["top1_err"] if is_best else at.best
+            record.update(val_top1_err=val["top1_err"], val_top5_err=val["top5_err"], val_loss=val["loss"],
+                          eval_time=time.perf_counter() - eval_start, best_top1_err=at.best)
+        record["time"] = time.time()  # wall clock, as in the "start" records
+        with _writing(out):
+            metrics.write(record)
+        if world.is_main:
+            tqdm.write(summary_line(record))
+        at.step, at.totals = 0, EpochTotals()
+        save(checkpoint.LAST, epoch + 1, 0)
+        if is_best and world.is_main:
+            with _writing(out):
+                checkpoint.link(out / checkpoint.LAST, out / checkpoint.BEST)
+    return record
+
+
+@dataclass
+class EpochTotals:
+    """The epoch's training sums so far, over all ranks; a checkpoint keeps them (`epoch_totals`, a
+    list in this field order) so that the epoch's record is whole after a mid-epoch resume."""
+
+    loss_sum: float = 0.0  # cross-entropy summed over samples
+    top1: float = 0.0  # samples whose label was the best score
+    top5: float = 0.0  # samples whose label was among the 5 best
+    samples: float = 0.0
+    seconds: float = 0.0  # in training steps, summed over log intervals
+    wait: float = 0.0  # of those, waiting for data
+
+    def add(self, other: "EpochTotals") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_list(self) -> list[float]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> "EpochTotals":
+        return cls(*values)
+
+    def record(self, epoch: int, global_step: int, lr: float) -> dict:
+        """The epoch's "epoch" record in metrics.jsonl; errors are fractions (0..1), times seconds."""
+        n, s = self.samples, self.seconds
+        return {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step, "train_loss": self.loss_sum / n,
+                "train_top1_err": 1 - self.top1 / n, "train_top5_err": 1 - self.top5 / n, "lr": lr,
+                "images_per_s": n / s, "data_wait": self.wait / s, "epoch_time": s}
+
+
+@dataclass
+class Position:
+    """Where a run stands: `epoch` epochs done, `step` steps of the next, `global_step` in all; the
+    best validation top-1 error so far, the epoch's sums so far, and the model's input scaling."""
+
+    scaling: str
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    best: float | None = None
+    totals: EpochTotals = dataclasses.field(default_factory=EpochTotals)
+    last_finite: tuple[int, float] | None = None  # (global step, loss) of the last step with a finite loss
+
+
+class Interval:
+    """One log interval's training numbers, kept on the device until `close` (no sync per step)."""
+
+    def __init__(self, device: torch.device, global_step: int):
+        self.first_step = global_step + 1  # the global step number of the interval's first step
+        self.losses: list[torch.Tensor] = []  # per step, 0-d on the device: this rank's mean loss
+        self.hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5 hits
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples, self.started = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.losses.append(loss)
+        self.loss_sum += loss.double() * len(labels)
+        self.hits += topk_correct(logits, labels)
+        self.samples += len(labels)
+
+    def close(self, loader: DeviceLoader, at: Position) -> EpochTotals:
+        """The interval's sums over all ranks (one collective, one sync with the device). A loss that
+        is not finite on any rank raises NonFiniteLoss, naming this rank's first such step."""
+        packed = torch.cat([self.loss_sum[None], self.hits, torch.tensor([self.samples], dtype=torch.float64, device=self.hits.device)])
+        loss_sum, top1, top5, n = dist.sum_all(packed).tolist()
+        losses = torch.stack(self.losses).tolist()
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(_non_finite_message(self.first_step + i, value, at.last_finite))
+            at.last_finite = (self.first_step + i, value)
+        if not math.isfinite(loss_sum):  # another rank's
+            raise NonFiniteLoss(_non_finite_message(self.first_step, loss_sum, at.last_finite, other_rank=True))
+        seconds, wait = time.perf_counter() - self.started, loader.reset_wait()
+        return EpochTotals(loss_sum, top1, top5, n, seconds, wait)
+
+
+def _non_finite_message(step: int, value: float, last: tuple[int, float] | None, other_rank: bool = False) -> str:
+    where = f"a rank's loss is {value} in the steps from {step}" if other_rank else f"the loss is {value} at step {step}"
+    before = f"the last finite loss was {last[1]:.4g} at step {last[0]}" if last else "no step had a finite loss"
+    return f"stopped: {where}; {before}; {checkpoint.LAST} keeps the last checkpoint saved before it (try a lower --lr)"
+
+
+def _log_interval(metrics: MetricsLog, bar: tqdm, n: EpochTotals, epoch: int, step: int, global_step: int, lr: float) -> None:
+    """The interval's train_step record in metrics.jsonl and on the progress bar."""
+    loss, speed = n.loss_sum / n.samples, n.samples / n.seconds
+    metrics.write({"kind": "train_step", "epoch": epoch + 1, "step": step + 1, "global_step": global_step,
+                   "images": int(n.samples), "loss": loss, "top1_err": 1 - n.top1 / n.samples, "top5_err": 1 - n.top5 / n.samples,
+                   "lr": lr, "images_per_s": speed, "data_wait": n.wait / n.seconds})
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}", wait=f"{n.wait / n.seconds:.0%}")
+
+
+def _resolve(config: TrainConfig, world: dist.World, device: torch.device) -> tuple[TrainConfig, torch.device]:
+    """This rank's device, the decode options checked against it, and the worker count filled in."""
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.backends.cudnn.benchmark = True
@@ -131,158 +352,60 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         except DecoderUnavailable as e:
             raise ConfigError(str(e)) from None
     workers = config.workers if config.workers is not None else dist.default_workers()
-    config = config.replace(device=device.type, workers=workers)
+    return config.replace(device=device.type, workers=workers), device
 
-    # ---- run folder: rank 0 writes, the others only compute
-    out = Path(config.out)
-    existing = [name for name in (checkpoint.LAST, METRICS) if (out / name).exists()]
-    if existing and not config.resume:
-        raise RunFolderError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume {out}, or pick another --out")
-    metrics = MetricsLog(out / METRICS, world.is_main)
 
-    # ---- data: the shard folder's splits, classes and pixel statistics
-    shards = open_shards(config.shards)
-    train_split, val_split = shards.split("train"), shards.split("validation")
-    classes = [c.to_json() for c in shards.classes]
-    stats = PixelStats.from_json(shards.stats, device)
-    global_batch = config.batch_size * world.world_size
-    steps_per_epoch = config.steps_per_epoch or train_split.num_samples // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{train_split.num_samples} training samples make no step of {global_batch} (batch size x ranks)")
+def _prepare_run_folder(out: Path, config: TrainConfig, metrics: MetricsLog) -> None:
+    """Make the run folder; remove what a killed save left in it (our own temporary checkpoint
+    names). A new run in a folder with metrics but no checkpoint (the caller refused one with a
+    checkpoint) replaces a run killed before its first save: there was nothing to continue."""
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_temps(out)
+    if not config.resume and metrics.path.exists():
+        tqdm.write(f"{out}: its run stopped before its first checkpoint; starting it over")
+        metrics.path.unlink()
 
-    # ---- model: the same initial weights on every rank
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, num_classes=len(classes)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    raw_model = model  # what checkpoints hold, without DDP or compile wrappers
 
-    # ---- optimizer and schedule: the paper's SGD, weight decay on every parameter
-    base_lr = config.lr * (global_batch / PAPER_BATCH if config.lr_scaling == "linear" else 1.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    schedule = Schedule(config, base_lr, steps_per_epoch)
+def _resume(config: TrainConfig, world: dist.World, device: torch.device, classes: list[dict], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, schedule: Schedule, steps_per_epoch: int) -> Position:
+    """Load the checkpoint config.resume into the model, optimizer and schedule; return its position."""
+    state = checkpoint.load(config.resume, map_location=device)
+    if state["classes"] != classes:
+        raise ContractError(f"{config.shards}: its classes differ from those of {config.resume}")
+    checkpoint.load_weights(model, state["model"], config.resume, config.arch)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    if world.is_main and (state["world_size"], state["config"]["workers"]) != (world.world_size, config.workers):
+        tqdm.write(f"warning: resuming with {world.world_size} ranks x {config.workers} workers, the checkpoint had "
+                   f"{state['world_size']} x {state['config']['workers']}: the rest of this epoch's data order differs")
+    return Position(scaling=checkpoint.input_scaling(state), epoch=state["epoch"],
+                    step=min(state["step"], steps_per_epoch),  # in case --steps-per-epoch changed
+                    global_step=state["global_step"], best=state["best_top1_err"], totals=EpochTotals.from_list(state["epoch_totals"]))
 
-    # ---- resume: weights, optimizer, schedule and the position in the data
-    start_epoch, start_step, global_step, best = 0, 0, 0, None
-    totals = torch.zeros(6, dtype=torch.float64)  # this epoch so far: see `epoch_record`
-    if config.resume:
-        state = checkpoint.load(config.resume, map_location=device)
-        if state["classes"] != classes:
-            raise ContractError(f"{config.shards}: its classes differ from those of {config.resume}")
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        best, totals = state["best_top1_err"], torch.tensor(state["epoch_totals"], dtype=torch.float64)
-        start_step = min(start_step, steps_per_epoch)  # in case --steps-per-epoch changed
-        if world.is_main and (state["world_size"], state["config"]["workers"]) != (world.world_size, config.workers):
-            tqdm.write(f"warning: resuming with {world.world_size} ranks x {config.workers} workers, the checkpoint had "
-                       f"{state['world_size']} x {state['config']['workers']}: the rest of this epoch's data order differs")
 
-    if config.compile:
-        model = torch.compile(model)
-    eval_model = model  # evaluation bypasses DDP: ranks see different numbers of validation batches
-    if world.distributed:
-        model = DistributedDataParallel(model, device_ids=[world.local_rank] if device.type == "cuda" else None)
-
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, config.to_dict())
-        metrics.rewind(global_step, start_epoch)
-        metrics.write({"kind": "start", "time": time.time(), "global_step": global_step, "world_size": world.world_size,
-                       "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "resumed_from": config.resume})
-
-    def save(name: str, epoch: int, step: int) -> None:
-        if world.is_main:
-            checkpoint.save({
-                "format": checkpoint.FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "epoch": epoch, "step": step, "global_step": global_step,
-                "world_size": world.world_size, "best_top1_err": best, "epoch_totals": totals.tolist(),
-                "config": config.to_dict(), "classes": classes, "stats": shards.stats,
-            }, out / name)
-
-    aug_gen = torch.Generator(device)
-    record, lr = {}, schedule.lr(global_step)
-    if start_epoch >= config.epochs and world.is_main:
-        tqdm.write(f"{config.resume}: all {config.epochs} epochs are done; pass a larger --epochs to train on")
-    for epoch in range(start_epoch, config.epochs):
-        # ---- one epoch of training steps
-        model.train()
-        stream = ShardStream(train_split, config.batch_size, train=True, seed=config.seed, epoch=epoch, steps=steps_per_epoch,
-                             start=start_step, rank=world.rank, world_size=world.world_size,
-                             shuffle_buffer=config.shuffle_buffer, decode=config.decode)
-        loader = DeviceLoader(make_loader(stream, config.workers, device), device, config.gpu_decoder)
-        with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
-                  disable=not world.is_main, dynamic_ncols=True) as bar:
-            interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
-            interval_start, interval_samples = time.perf_counter(), 0
-            for step, (images, labels) in enumerate(loader, start=start_step):
-                lr = schedule.lr(global_step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # Every random draw of this step is a function of (seed, epoch, step, rank): resumable.
-                seeds = (seed_for(config.seed, epoch, step, world.rank, 0), seed_for(config.seed, epoch, step, world.rank, 1))
-                loss, logits = train_step(model, optimizer, images, labels, stats, crop_size=config.crop_size,
-                                          lighting_std=config.lighting_std, generator=aug_gen, seeds=seeds)
-                global_step += 1
-                bar.update()
-                interval += torch.cat([loss.double()[None] * len(labels), topk_correct(logits, labels)])
-                interval_samples += len(labels)
-
-                save_now = config.save_every and global_step % config.save_every == 0 and step + 1 < steps_per_epoch
-                if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch or save_now:
-                    # Syncs with the device and all ranks: once per log interval (and at each save, so
-                    # that the saved epoch totals are complete).
-                    packed = torch.cat([interval, torch.tensor([interval_samples], dtype=torch.float64, device=device)])
-                    loss_sum, top1, top5, n = dist.sum_all(packed).tolist()
-                    seconds, wait = time.perf_counter() - interval_start, loader.reset_wait()
-                    totals += torch.tensor([loss_sum, top1, top5, n, seconds, wait], dtype=torch.float64)
-                    metrics.write({"kind": "train_step", "epoch": epoch + 1, "step": step + 1, "global_step": global_step,
-                                   "images": int(n), "loss": loss_sum / n, "top1_err": 1 - top1 / n, "top5_err": 1 - top5 / n,
-                                   "lr": lr, "images_per_s": n / seconds, "data_wait": wait / seconds})
-                    bar.set_postfix(loss=f"{loss_sum / n:.3f}", lr=f"{lr:.2e}", img_s=f"{n / seconds:.0f}", wait=f"{wait / seconds:.0%}")
-                    interval.zero_()
-                    interval_start, interval_samples = time.perf_counter(), 0
-                    if save_now:
-                        save(checkpoint.LAST, epoch, step + 1)
-
-        # ---- end of epoch: evaluate, adapt the schedule, log, save
-        record = epoch_record(epoch, global_step, totals, lr)
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            eval_start = time.perf_counter()
-            val = evaluate(eval_model, val_split, stats, device, batch_size=config.batch_size, crop_size=config.crop_size,
-                           workers=config.workers, decode=config.decode, gpu_decoder=config.gpu_decoder, rank=world.rank,
-                           world_size=world.world_size)
-            schedule.evaluated(val["top1_err"])
-            record.update(val_top1_err=val["top1_err"], val_top5_err=val["top5_err"], val_loss=val["loss"],
-                          eval_time=time.perf_counter() - eval_start)
-            is_best = best is None or val["top1_err"] < best
-            best = val["top1_err"] if is_best else best
-            record["best_top1_err"] = best
-        else:
-            is_best = False
-        record["time"] = time.time()  # wall clock, as in the "start" records
-        metrics.write(record)
-        if world.is_main:
-            tqdm.write(summary_line(record))
-        start_step, totals = 0, torch.zeros(6, dtype=torch.float64)
-        save(checkpoint.LAST, epoch + 1, 0)
-        if is_best and world.is_main:
-            checkpoint.link(out / checkpoint.LAST, out / checkpoint.BEST)
-    return record
+@contextlib.contextmanager
+def _writing(out: Path):
+    """Turn a failed write into the run folder (full disk, read-only folder, a file in the way) into
+    one line."""
+    try:
+        yield
+    except OSError as e:
+        name = e.filename or out
+        raise RunFolderError(f"{name}: cannot write ({e.strerror or e})") from None
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               stats: PixelStats, *, crop_size: int, lighting_std: float, generator: torch.Generator,
+               stats: PixelStats, *, scaling: str, crop_size: int, lighting_std: float, generator: torch.Generator,
                seeds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on uint8 (B, 3, 256, 256) images and int64 (B,) labels, both on the device:
-    augment (seeded by seeds[0]), forward (dropout seeded by seeds[1]), backward, update. Returns the
-    detached loss and (B, C) logits without syncing with the device."""
+    augment (seeded by seeds[0]) into the model's input `scaling`, forward (dropout seeded by
+    seeds[1]), backward, update. Returns the detached loss and (B, C) logits without syncing with
+    the device."""
     generator.manual_seed(seeds[0])
     torch.manual_seed(seeds[1])
     if images.is_cuda:
         images = images.contiguous(memory_format=torch.channels_last)
-    x = train_views(images, stats, crop_size, generator=generator, lighting_std=lighting_std)  # (B, 3, S, S)
+    x = train_views(images, stats, crop_size, scaling=scaling, generator=generator, lighting_std=lighting_std)  # (B, 3, S, S)
     with autocast(images.device):
         logits = model(x)  # (B, C)
         loss = F.cross_entropy(logits.float(), labels)
@@ -290,16 +413,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     loss.backward()
     optimizer.step()
     return loss.detach(), logits.detach()
-
-
-def epoch_record(epoch: int, global_step: int, totals: torch.Tensor, lr: float) -> dict:
-    """The epoch's training numbers from its totals: loss sum, top-1 hits, top-5 hits, samples,
-    seconds of training steps, seconds waiting for data (summed over log intervals). Errors are
-    fractions (0..1), times seconds."""
-    loss_sum, top1, top5, n, seconds, wait = totals.tolist()
-    return {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step, "train_loss": loss_sum / n,
-            "train_top1_err": 1 - top1 / n, "train_top5_err": 1 - top5 / n, "lr": lr,
-            "images_per_s": n / seconds, "data_wait": wait / seconds, "epoch_time": seconds}
 
 
 def summary_line(record: dict) -> str:

@@ -25,6 +25,14 @@ from train.lrn import PaperLRN
 
 ARCHS = ("alexnet", "alexnet-tv", "alexnet-bn")
 
+# How each architecture's recipe feeds it pixels (train/augment.py: INPUT_SCALINGS; why: docs/recipe.md).
+# The paper's N(0, 0.01) init is sized for its inputs, 0-255 values minus the mean; the other two
+# were made for unit-variance inputs. Checkpoints record the scaling a model was trained with.
+INPUTS = {"alexnet": "subtract-mean", "alexnet-tv": "standardize", "alexnet-bn": "standardize"}
+# Linear learning-rate warm-up in steps when --warmup-epochs is not given (docs/recipe.md: the paper's
+# bias-1 fc layers make the first steps unstable on sets of few classes); none for the others.
+WARMUP_STEPS = {"alexnet": 150}
+
 # (in_channels, out_channels, kernel, stride, padding, groups, LRN after the ReLU, max-pool after)
 # for conv1..conv5. groups=2 is the paper's split over two GPUs: conv2, conv4 and conv5 see only the
 # kernel maps of their own GPU, conv3 sees all of them. The paper states 224 x 224 inputs give 55 x 55

@@ -1,44 +1,44 @@
-"""Top-5 predictions for the user's own pictures (any format Pillow opens: JPEG, PNG, ...).
+"""Top-5 predictions for the user's own pictures (the formats alexprep takes: JPEG, PNG, GIF, BMP,
+WebP, TIFF, PPM).
 
-Each picture is prepared the way alexprep prepares the shards (RGB, shorter side to 256 with Lanczos,
-central 256 x 256 crop) and then evaluated like a validation image (the central crop, or ten crops).
-The class names and pixel statistics come from the checkpoint, so no shard folder is needed.
+Each picture goes through alexprep's own image path (prep.image.process: the same formats, size limit,
+mode conversion, resize to 256 x 256 and JPEG encoding) and its JPEG is decoded as the loader decodes
+a shard's, so it reaches the model exactly as a shard image would; then it is evaluated like a
+validation image (the center crop, or ten crops). The class names, pixel statistics and input scaling
+come from the checkpoint, so no shard folder is needed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from prep.contract import IMAGE_SIZE
+from prep.image import SkipImage, process
 from train.augment import PixelStats, eval_views
-from train.checkpoint import load_model
+from train.checkpoint import input_scaling, load_model
 from train.dist import resolve_device
 from train.evaluate import autocast
+from train.loader import decode_batch
+from train.stream import Sample, ShardError
 
 
 class ImageError(Exception):
     """A picture that cannot be read; the message names it."""
 
 
-def load_image(path: str | Path, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """uint8 (3, size, size): RGB, shorter side resized to `size` (Lanczos), central square crop."""
+def load_image(path: str | Path) -> torch.Tensor:
+    """uint8 (3, 256, 256): the picture as alexprep would store it in a shard, decoded as the loader
+    decodes shard images."""
+    path = Path(path)
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        jpeg = process(path.read_bytes()).jpeg
+        (image,) = decode_batch([Sample(str(path), path.name, jpeg, 0)]).images
+    except (SkipImage, ShardError, OSError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return image.contiguous()
 
 
 @torch.no_grad()
@@ -49,6 +49,7 @@ def predict_images(
     classes: list[str],
     device: torch.device,
     *,
+    scaling: str,
     crop_size: int = 224,
     mode: str = "center",
     k: int = 5,
@@ -56,7 +57,7 @@ def predict_images(
     """For each picture, its k most probable classes as (name, probability), most probable first."""
     model.eval()
     images = torch.stack([load_image(p) for p in paths]).to(device)  # (N, 3, 256, 256)
-    views = eval_views(images, stats, crop_size, mode)  # (V, N, 3, S, S)
+    views = eval_views(images, stats, crop_size, mode, scaling=scaling)  # (V, N, 3, S, S)
     with autocast(device):
         logits = model(views.flatten(0, 1))  # (V * N, C)
     probs = F.softmax(logits.float().view(*views.shape[:2], -1), dim=-1).mean(dim=0)  # (N, C)
@@ -68,9 +69,9 @@ def predict_files(path: str | Path, images: list[str | Path], *, mode: str = "ce
     """predict_images with the model, class names and statistics of checkpoint `path`."""
     dev = resolve_device(device)
     model, state = load_model(path, dev)
-    stats = PixelStats.from_json(state["stats"], dev)
+    stats = PixelStats.from_json(state["stats"], dev, source=f"{path}: stats")
     names = [c["name"] for c in state["classes"]]
-    return predict_images(model, images, stats, names, dev, crop_size=state["config"]["crop_size"], mode=mode, k=k)
+    return predict_images(model, images, stats, names, dev, scaling=input_scaling(state), crop_size=state["config"]["crop_size"], mode=mode, k=k)
 
 
 def format_predictions(images: list[str | Path], predictions: list[list[tuple[str, float]]]) -> str:
