@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 # torch first and pinned to what pyproject's range accepts and this machine carries; a CUDA build
-# that also runs on the CPU.
-pip install -q "torch==2.14.1" "torchvision==0.29.1"
+# that also runs on the CPU. TorchCodec pinned to the release built for this torch.
+pip install -q "torch==2.14.1" "torchvision==0.29.1" "torchcodec==0.17.0"
 pip install -q -e ".[test,viz,nvimgcodec]"
 
 # pillow-simd installs the same PIL module as Pillow; pip cannot express the swap, so overlay it
