@@ -585,12 +585,12 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
             for u in units:
                 try:
                     table = pf.read_row_group(u, columns=["image", "label"])
-                except pa.ArrowException as e:
+                except Exception as e:
+                    if staged is None and store.network_error(e):
+                        raise FetchError(f"reading {store.where(part.name)} failed ({type(e).__name__}: "
+                                         f"{_line(e)}); run the same command again to continue") from None
                     raise FetchError(f"{store.where(part.name)}: not a readable parquet file ({_line(e)}); the build "
                                      f"stopped (finished shards are complete)") from None
-                except OSError as e:
-                    raise FetchError(f"reading {store.where(part.name)} failed ({type(e).__name__}: {_line(e)}); "
-                                     f"run the same command again to continue") from None
                 if downloads is None:
                     meta = pf.metadata.row_group(u)
                     stats["bytes"] += sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
@@ -639,11 +639,19 @@ def _ordered(pool, split: str, items: Iterator[tuple[str, object]], window: int)
             yield (kind, [_process_one(_WORKER_JOB, split, t) for t in value]) if kind == "chunk" else (kind, value)
         return
     pending: deque = deque()
-    for kind, value in items:
-        pending.append((kind, pool.apply_async(_pool_chunk, (split, value)) if kind == "chunk" else value))
-        while len(pending) > window:
+    try:
+        for kind, value in items:
+            pending.append((kind, pool.apply_async(_pool_chunk, (split, value)) if kind == "chunk" else value))
+            while len(pending) > window:
+                kind, value = pending.popleft()
+                yield kind, value.get() if kind == "chunk" else value
+    except Exception:
+        # Reading failed (a file that cannot be fetched or read): first hand over what was read before
+        # it, so the parts read in full are committed and a rerun continues after them.
+        while pending:
             kind, value = pending.popleft()
             yield kind, value.get() if kind == "chunk" else value
+        raise
     while pending:
         kind, value = pending.popleft()
         yield kind, value.get() if kind == "chunk" else value

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from prep.source import SourceError
 
-DOWNLOAD_TRIES = 3  # whole-file attempts, each of which huggingface_hub itself resumes after drops
+DOWNLOAD_TRIES = 3  # attempts per file (footer or whole file); huggingface_hub resumes a download itself too
 _FOOTER_TAIL = 8  # a parquet file ends with the footer length (uint32 LE) and b"PAR1"
 
 
@@ -67,6 +67,9 @@ class LocalStore:
     def where(self, path: str) -> str:
         return str(self.root / path)
 
+    def network_error(self, e: BaseException) -> bool:
+        return False
+
 
 class HubStore:
     """A Hub dataset repo at one commit: the files listed once, read through `huggingface_hub`."""
@@ -85,7 +88,7 @@ class HubStore:
         """Find the token, check access and list `data/` at the repo's current commit."""
         import huggingface_hub
         from huggingface_hub import HfApi
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars, logging
 
         terms = (f"accept the terms at https://huggingface.co/datasets/{repo_id}, then run `hf auth login` or set "
                  f"HF_TOKEN; or pass a local --source (a folder of its parquet files or an ILSVRC-2012 tree)")
@@ -93,6 +96,7 @@ class HubStore:
         if token is None:
             raise SourceError(f"no Hugging Face token for the gated dataset {repo_id}: {terms}")
         disable_progress_bars()  # ours shows images/s and MB/s; one bar per downloaded file would bury it
+        logging.set_verbosity_error()  # its retry warnings; a failure that remains is our one line
         api = HfApi(token=token)
         try:
             revision = api.dataset_info(repo_id).sha
@@ -111,19 +115,24 @@ class HubStore:
         return self._fs.open(f"datasets/{self.repo_id}@{self.revision}/{path}", "rb", cache_type="none")
 
     def footer(self, path: str, size: int) -> pq.FileMetaData:
-        try:
-            with self._open(path) as f:
-                f.seek(size - _FOOTER_TAIL)
-                tail = f.read(_FOOTER_TAIL)
-                length = struct.unpack("<I", tail[:4])[0] if tail[4:] == b"PAR1" else -1
-                if not 0 < length <= size - 2 * _FOOTER_TAIL:
-                    raise SourceError(f"{self.where(path)}: not a readable parquet file (no parquet footer)")
-                f.seek(size - _FOOTER_TAIL - length)
-                footer = f.read(length) + tail
-        except SourceError:
-            raise
-        except Exception as e:
-            raise SourceError(hub_error(e, self.repo_id, self._token, f"reading {path}")) from None
+        for attempt in range(1, DOWNLOAD_TRIES + 1):
+            try:
+                return self._footer(path, size)
+            except SourceError:
+                raise
+            except Exception as e:  # a dropped connection: try again, a bounded number of times
+                if attempt == DOWNLOAD_TRIES:
+                    raise SourceError(hub_error(e, self.repo_id, self._token, f"reading {path}")) from None
+
+    def _footer(self, path: str, size: int) -> pq.FileMetaData:
+        with self._open(path) as f:
+            f.seek(size - _FOOTER_TAIL)
+            tail = f.read(_FOOTER_TAIL)
+            length = struct.unpack("<I", tail[:4])[0] if tail[4:] == b"PAR1" else -1
+            if not 0 < length <= size - 2 * _FOOTER_TAIL:
+                raise SourceError(f"{self.where(path)}: not a readable parquet file (no parquet footer)")
+            f.seek(size - _FOOTER_TAIL - length)
+            footer = f.read(length) + tail
         self._footers[path] = _metadata_from_footer(footer, self.where(path))
         return self._footers[path]
 
@@ -153,6 +162,13 @@ class HubStore:
 
     def where(self, path: str) -> str:
         return f"{self.repo_id}/{path}"
+
+    def network_error(self, e: BaseException) -> bool:
+        """Whether a failed ranged read is the network's doing (else the file's: not readable parquet)."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        return (isinstance(e, (HfHubHTTPError, ConnectionError, TimeoutError))
+                or type(e).__module__.split(".")[0] in ("httpx", "httpcore"))
 
 
 def hub_error(e: BaseException, repo_id: str, token: str, doing: str) -> str:
