@@ -657,29 +657,35 @@ def _ordered(pool, split: str, items: Iterator[tuple[str, object]], window: int)
         yield kind, value.get() if kind == "chunk" else value
 
 
-def _build_split(out: Path, source: Source, plan: SplitPlan, records: list, pool, workers: int, progress: bool,
-                 prefetch: int, keep_download: Path | None) -> None:
-    """Stream the split's remaining parts into its shards, filling in `records` (sidecars) as shards finish."""
-    build = _SplitBuild(out, source, plan, records)
-    done, seen = build.resume()
-    todo = list(range(done, len(build.needed)))
-    if todo:
-        _stream(build, todo, seen, pool, workers, progress, prefetch, keep_download)
-    build.close()
+def _build_splits(out: Path, source: Source, plans: dict[str, SplitPlan], records: dict[str, list], pool,
+                  workers: int, progress: bool, prefetch: int, keep_download: Path | None) -> None:
+    """Stream every split's remaining parts into its shards, filling in `records` (sidecars) as shards finish.
+
+    Whole files of a Hub source are downloaded ahead across the splits, so the next split's first
+    files are ready when the last shards of the previous one are being finished.
+    """
+    builds = [_SplitBuild(out, source, plans[split], records[split]) for split in plans]
+    resumed = [build.resume() for build in builds]
+    store = source.store
+    whole = [store is not None and store.remote and build.plan.read.all() for build in builds]
+    parts = [build.split.parts[build.needed[j]] for build, (done, _), w in zip(builds, resumed, whole) if w
+             for j in range(done, len(build.needed))]
+    downloads = None
+    if parts:
+        (out / BUILD_DIR / DOWNLOAD_DIR).mkdir(exist_ok=True)
+        downloads = _Downloads(store, parts, out / BUILD_DIR / DOWNLOAD_DIR, prefetch, keep_download)
+    for build, (done, seen), w in zip(builds, resumed, whole):
+        todo = list(range(done, len(build.needed)))
+        if todo:
+            _stream(build, todo, seen, pool, workers, progress, downloads if w else None)
+        build.close()
 
 
 def _stream(build: _SplitBuild, todo: list[int], seen: set[str] | None, pool, workers: int, progress: bool,
-            prefetch: int, keep_download: Path | None) -> None:
+            downloads: _Downloads | None) -> None:
     """Read the needed parts `todo` in order, process their rows, commit after each part."""
-    out, source, plan, records = build.out, build.source, build.plan, build.records
+    plan, records = build.plan, build.records
     done = todo[0]
-    store = source.store
-    downloads = None
-    if store is not None and store.remote and plan.read.all():
-        staging = out / BUILD_DIR / DOWNLOAD_DIR
-        staging.mkdir(exist_ok=True)
-        downloads = _Downloads(store, [source.split(plan.split).parts[build.needed[j]] for j in todo], staging,
-                               prefetch, keep_download)
     stats = {"bytes": 0}
     start = time.monotonic()
     finished = np.array([r is not None for r in records]).repeat(plan.shard_size)[:len(plan.rows)]
@@ -760,9 +766,8 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
             else:
                 _init_worker(job, pool_worker=False)
             try:
-                for split in config.splits:
-                    _build_split(out, source, plans[split], records[split], pool, workers, progress, prefetch,
-                                 Path(keep_download) if keep_download is not None else None)
+                _build_splits(out, source, plans, records, pool, workers, progress, prefetch,
+                              Path(keep_download) if keep_download is not None else None)
             finally:
                 if pool is not None:
                     pool.terminate()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Callable, Iterator, Mapping, NamedTuple
@@ -26,6 +27,7 @@ from prep.contract import SPLITS, ClassInfo, imagenet_classes
 
 HUB_ID = "ILSVRC/imagenet-1k"
 SYNTHETIC = "synthetic"
+_FOOTER_THREADS = 8  # parquet footers read at once when a source is opened
 LIST_PART_ROWS = 256  # listed items per part: how often a build over a tree or synthetic commits its progress
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -267,8 +269,9 @@ def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], wher
         if not files:
             raise SourceError(f"{where}: no data/{split}-*.parquet files; choose others with --splits")
         parts = []
-        for path, size in files:
-            meta = store.footer(path, size)
+        with ThreadPoolExecutor(_FOOTER_THREADS) as pool:  # footers are small reads: many at once
+            footers = list(pool.map(lambda f: store.footer(*f), files))
+        for (path, size), meta in zip(files, footers):
             file_names = _label_names(meta.schema.to_arrow_schema(), f"{where}: {path}")
             if names is not None and file_names != names:
                 raise SourceError(f"{where}: {path} has other class names than {files[0][0]}")
