@@ -583,14 +583,7 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
                 pf = store.parquet(part.name)
             unit_first_row = np.cumsum(part.units) - part.units
             for u in units:
-                try:
-                    table = pf.read_row_group(u, columns=["image", "label"])
-                except Exception as e:
-                    if staged is None and store.network_error(e):
-                        raise FetchError(f"reading {store.where(part.name)} failed ({type(e).__name__}: "
-                                         f"{_line(e)}); run the same command again to continue") from None
-                    raise FetchError(f"{store.where(part.name)}: not a readable parquet file ({_line(e)}); the build "
-                                     f"stopped (finished shards are complete)") from None
+                table = _read_group(pf, u, store, part.name, remote=staged is None)
                 if downloads is None:
                     meta = pf.metadata.row_group(u)
                     stats["bytes"] += sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
@@ -610,12 +603,25 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
                     if len(tasks) == _CHUNK:
                         yield "chunk", tasks
                         tasks = []
+            pf.close()
             if staged is not None:
                 stats["bytes"] += part.size
                 downloads.release(staged[0], staged[1], part.name)
         if tasks:
             yield "chunk", tasks
         yield "end", (j, keys)
+
+
+def _read_group(pf, group: int, store, name: str, remote: bool):
+    """Row group `group` of parquet file `name` as a table; FetchError (one line naming it) if it fails."""
+    try:
+        return pf.read_row_group(group, columns=["image", "label"])
+    except Exception as e:
+        if remote and store.network_error(e):
+            raise FetchError(f"reading {store.where(name)} failed ({type(e).__name__}: {_line(e)}); run the same "
+                             f"command again to continue") from None
+        raise FetchError(f"{store.where(name)}: not a readable parquet file ({_line(e)}); the build stopped "
+                         f"(finished shards are complete)") from None
 
 
 def _parquet_file(path: Path, where: str):

@@ -297,3 +297,16 @@ def test_keep_download_moves_the_files_into_a_local_copy(hub, hub_repo, validati
     assert all((keep / p).read_bytes() == (hub_repo[0] / p).read_bytes() for p in kept)
     with pytest.raises(BuildError, match="prefetch must be >= 1"):
         hub_validation(tmp_path / "other", prefetch=0)
+
+
+def test_a_file_gone_from_the_repo_is_one_line(hub, hub_repo, tmp_path):
+    from prep.fetch import HubStore
+
+    repo = tmp_path / "repo"
+    shutil.copytree(hub_repo[0], repo)
+    hub.root = repo
+    store = HubStore.open(HUB_ID)
+    (repo / "data/validation-00001-of-00008.parquet").unlink()  # listed a moment ago, gone now
+    with pytest.raises(FetchError, match=rf"^{HUB_ID}: downloading data/validation-00001-of-00008.parquet: the file "
+                                         r"is not there \(HTTP 404\)$"):
+        store.download("data/validation-00001-of-00008.parquet", tmp_path / "staging")
