@@ -31,6 +31,8 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from prep.stats import PixelSums
+
 # Pillow's own default warning size (1024**3 // 4 // 3 pixels). ImageNet's largest image is about
 # 12 MP, so anything above this is a hostile or broken header, not a photo. We check it ourselves so
 # the limit holds whatever a caller did to Image.MAX_IMAGE_PIXELS.
@@ -50,13 +52,22 @@ class SkipImage(Exception):
 
 
 @dataclass(frozen=True)
-class Processed:
-    jpeg: bytes  # baseline JPEG, size x size RGB
-    pixels: np.ndarray  # (size, size, 3) uint8 RGB, exactly the pixels that were JPEG-encoded
+class Resized:
+    image: Image.Image  # size x size RGB: the pixels `process` encodes
     width: int  # original size, before any scaling
     height: int
     mode: str  # original PIL mode, e.g. "CMYK"
     format: str  # format detected from the content, e.g. "PNG"
+
+
+@dataclass(frozen=True)
+class Processed:
+    jpeg: bytes  # baseline JPEG, size x size RGB
+    width: int  # original size, before any scaling
+    height: int
+    mode: str  # original PIL mode, e.g. "CMYK"
+    format: str  # format detected from the content, e.g. "PNG"
+    sums: PixelSums | None = None  # of `jpeg`'s decoded pixels, when process(..., sums=True)
 
 
 def pillow_flavour() -> str:
@@ -143,12 +154,11 @@ def _to_rgb_or_l(im: Image.Image) -> Image.Image:
         raise SkipImage(f"unsupported mode {mode}: {e}") from None
 
 
-def process(data: bytes, size: int = 256, quality: int = 90) -> Processed:
-    """Decode `data`, scale the shorter side to `size` (Lanczos), centre-crop, encode baseline JPEG.
+def resize_crop(data: bytes, size: int = 256) -> Resized:
+    """Decode `data`, scale the shorter side to `size` (Lanczos) and take the centre crop, in RGB.
 
     EXIF orientation is NOT applied: ImageNet's labels, boxes and every published pipeline use the
-    stored pixel order. Multi-frame images (GIF, APNG) use their first frame. The same bytes in give
-    the same bytes out (with the same Pillow build).
+    stored pixel order. Multi-frame images (GIF, APNG) use their first frame.
     """
     with _open(data) as im:
         w, h = im.size
@@ -176,8 +186,18 @@ def process(data: bytes, size: int = 256, quality: int = 90) -> Processed:
     # resize() copies the source's info (EXIF, ICC profile, JPEG comment); the JPEG writer would
     # carry the comment over. Clear it so the output depends on the pixels alone.
     out.info = {}
-    pixels = np.asarray(out)
-    pixels.flags.writeable = False
+    return Resized(out, w, h, mode, fmt)
+
+
+def process(data: bytes, size: int = 256, quality: int = 90, sums: bool = False) -> Processed:
+    """`resize_crop`, then encode a baseline JPEG; with `sums`, also the JPEG's decoded pixel sums.
+
+    The same bytes in give the same bytes out (with the same Pillow build). The sums are of the JPEG
+    decoded again, the pixels a reader of the shards sees (why not the pixels before encoding:
+    prep/stats.py).
+    """
+    r = resize_crop(data, size)
     buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING, optimize=False, progressive=False)
-    return Processed(jpeg=buf.getvalue(), pixels=pixels, width=w, height=h, mode=mode, format=fmt)
+    r.image.save(buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING, optimize=False, progressive=False)
+    jpeg = buf.getvalue()
+    return Processed(jpeg, r.width, r.height, r.mode, r.format, PixelSums.of_jpeg(jpeg) if sums else None)

@@ -1,10 +1,12 @@
 """Exact RGB pixel statistics of the training split, for `stats.json`.
 
 The statistics are taken from the shards' JPEGs decoded again: the pixels a reader of the shards
-(the trainer) sees. The pixels before encoding would save one 256 px decode per image, but JPEG
-(quantisation, 4:2:0 chroma) shifts the statistics measurably: on 20 crops of two real photos the
-per-channel std moved by up to 4e-3 and the smallest eigenvalue by 5%, beyond what a check against
-the decoded shards allows (1e-3, 2%).
+(the trainer) sees. The pixels before encoding would save the decode (about 0.25 ms of the 0.5 ms
+this costs per 256 px image), but JPEG's 4:2:0 chroma and quantisation shift the statistics beyond
+the 1e-3 (mean, std, cov) and 2% (eigenvalues) a check against the decoded shards allows: per-channel
+std by up to 2.2e-3 on the synthetic set and 6.3e-3 on 80 crops of two camera photos, the smallest
+eigenvalue by 2.6% and 14%. Modelling the decoder's chroma path on the pixels before encoding brings
+that within 5e-4 and 0.5%, but costs as much as the decode it replaces (docs/benchmarks.md, prep).
 
 Every image contributes integer sums of its 256x256 uint8 pixels (per-channel sums and the 3x3 sums
 of channel products). Integer sums are exact and their total does not depend on the order they are
@@ -27,7 +29,7 @@ from PIL import Image
 from prep.contract import SCHEMA_VERSION
 
 PIXEL_MAX = 255  # uint8 pixels; stats.json is on a 0..1 scale
-_CHUNK = 256  # pixels per float32 partial sum in PixelSums.of_image
+_CHUNK = 256  # pixels per float32 partial sum in PixelSums._of_planes
 
 
 @dataclass
@@ -44,24 +46,29 @@ class PixelSums:
         """The sums of one (H, W, 3) uint8 RGB image."""
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
-        n = pixels.shape[0] * pixels.shape[1]
-        # (3, chunks, _CHUNK) float32, zero-padded (zeros add nothing). float32 is exact here: a product
-        # is at most 255**2 and a chunk's sum of products at most 255**2 * _CHUNK < 2**24; the chunk
-        # sums are then added in float64, exact below 2**53. No BLAS: its threads slow forked workers.
-        c = np.zeros((3, -(-n // _CHUNK) * _CHUNK), np.float32)
-        c[:, :n] = pixels.reshape(n, 3).T
-        c = c.reshape(3, -1, _CHUNK)
-        prod = [[0] * 3 for _ in range(3)]
-        for i in range(3):
-            for j in range(i, 3):
-                prod[i][j] = prod[j][i] = int(np.einsum("kp,kp->k", c[i], c[j]).sum(dtype=np.float64))
-        return cls(1, n, [int(v) for v in c.sum(axis=2).sum(axis=1, dtype=np.float64)], prod)
+        return cls._of_planes(np.moveaxis(pixels, 2, 0))
 
     @classmethod
     def of_jpeg(cls, data: bytes) -> PixelSums:
         """The sums of an encoded image's decoded RGB pixels."""
         with Image.open(io.BytesIO(data)) as im:
-            return cls.of_image(np.asarray(im.convert("RGB")))
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            # One contiguous plane per channel straight from Pillow: no (H, W, 3) transpose.
+            return cls._of_planes(np.stack([np.asarray(band) for band in rgb.split()]))
+
+    @classmethod
+    def _of_planes(cls, planes: np.ndarray) -> PixelSums:
+        """The sums of (3, H, W) uint8 channel planes."""
+        n = planes.shape[1] * planes.shape[2]
+        # (3, chunks, _CHUNK) float32, zero-padded (zeros add nothing). float32 is exact here: a product
+        # is at most 255**2 and a chunk's sum of products at most 255**2 * _CHUNK < 2**24; the chunk
+        # sums are then added in float64, exact below 2**53. No BLAS: its threads slow forked workers.
+        c = np.zeros((3, -(-n // _CHUNK) * _CHUNK), np.float32)
+        c[:, :n] = planes.reshape(3, n)
+        c = c.reshape(3, -1, _CHUNK)
+        prod = np.einsum("ikp,jkp->ijk", c, c).sum(axis=2, dtype=np.float64)  # (3, 3)
+        total = c.sum(axis=2).sum(axis=1, dtype=np.float64)
+        return cls(1, n, [int(v) for v in total], [[int(v) for v in row] for row in prod])
 
     def add(self, other: PixelSums) -> None:
         """Add `other`'s sums into these (in place)."""

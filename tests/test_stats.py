@@ -14,7 +14,9 @@ from PIL import Image
 
 from prep.build import BUILD_DIR
 from prep.contract import read_stats
+from prep.image import process
 from prep.stats import PixelSums
+from prep.synthetic import photo
 
 
 def correlated_images(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
@@ -87,6 +89,27 @@ def test_of_jpeg_sums_the_decoded_pixels():
         decoded = np.asarray(im)
     assert not np.array_equal(decoded, image)  # JPEG changed the pixels; the sums follow the decoded ones
     assert PixelSums.of_jpeg(buf.getvalue()) == PixelSums.of_image(decoded)
+
+
+def test_sums_of_odd_sizes_and_of_grey_and_cmyk_jpegs():
+    image = correlated_images(np.random.default_rng(5), 1, size=37)[0]  # 1369 pixels: a partial chunk
+    x = image.reshape(-1, 3).astype(np.int64)
+    assert PixelSums.of_image(image) == PixelSums(1, 37 * 37, x.sum(axis=0).tolist(), (x.T @ x).tolist())
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(image).convert(mode).save(buf, format="JPEG", quality=90)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            decoded = np.asarray(im.convert("RGB"))
+        assert PixelSums.of_jpeg(buf.getvalue()) == PixelSums.of_image(decoded), mode
+
+
+def test_process_sums_are_those_of_its_jpeg_decoded():
+    buf = io.BytesIO()
+    Image.fromarray(photo(np.random.default_rng(6), 500, 375)).save(buf, format="JPEG", quality=90)
+    p = process(buf.getvalue(), sums=True)
+    with Image.open(io.BytesIO(p.jpeg)) as im:
+        assert p.sums == PixelSums.of_image(np.asarray(im))
+    assert p.sums.num_pixels == 256 * 256 and process(buf.getvalue()).sums is None
 
 
 def decoded_train_images(folder: Path, names: list[str]) -> list[np.ndarray]:
