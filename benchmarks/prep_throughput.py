@@ -7,9 +7,16 @@ fraction above 2000 px), then times, in the same run and on the same files:
   (b) decode alone (open + load), the floor for any pipeline that decodes every pixel;
   (c) `prep.image.process` in this process (per-core speed);
   (d) `prep.image.process` in a multiprocessing pool of 1 and of 2 worker processes (scaling).
+Then the whole build against the minimal script, on `--build-images` ImageNet-sized photos laid out
+as an ILSVRC folder tree (issue 9's measure):
+  (e) the minimal one-at-a-time script: open, convert("RGB"), bicubic shorter side 256, centre crop,
+      JPEG q90, append to a tar (and the same with Lanczos, the filter alexprep uses);
+  (f) `prep.build.build_shards(source=<tree>, splits=("train",), workers=1)`: everything the build does
+      for a train image (statistics, shard tar, resume records, _info.json), in this process;
+and reports (f)'s images per CPU-second over (e)'s.
 Each measurement is the best of `--repeat` passes, the methods taking turns so that background
-load hits them alike; (a) to (c) count CPU seconds of the one process, (d) wall seconds. With
-`--plain-python`, (a) also runs under another interpreter (say, a virtual environment with stock
+load hits them alike; (a) to (c), (e) and (f) count CPU seconds of the one process, (d) wall seconds.
+With `--plain-python`, (a) also runs under another interpreter (say, a virtual environment with stock
 Pillow) on the same files.
 
     .venv/bin/python benchmarks/prep_throughput.py --images 200 --json /tmp/prep_throughput.json
@@ -25,8 +32,10 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from multiprocessing import Pool
@@ -48,6 +57,23 @@ def naive(path: Path) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=QUALITY)
     return buf.getvalue()
+
+
+def minimal_to_tar(paths: list[Path], tar_path: Path, resample: int) -> None:
+    """The minimal build: each image opened, converted, resized, cropped, encoded and appended to a tar."""
+    with tarfile.open(tar_path, "w") as tar:
+        for path in paths:
+            im = Image.open(path).convert("RGB")
+            w, h = im.size
+            rw, rh = (SIZE, round(h * SIZE / w)) if w <= h else (round(w * SIZE / h), SIZE)
+            im = im.resize((rw, rh), resample)
+            left, top = (rw - SIZE) // 2, (rh - SIZE) // 2
+            buf = io.BytesIO()
+            im.crop((left, top, left + SIZE, top + SIZE)).save(buf, format="JPEG", quality=QUALITY)
+            info = tarfile.TarInfo(f"{path.stem}.jpg")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
 
 
 def decode_only(path: Path) -> None:
@@ -133,6 +159,39 @@ def pool_seconds(paths: list[Path], workers: int, repeat: int) -> float:
     return best
 
 
+def build_vs_minimal(root: Path, n: int, seed: int, workers: int, repeat: int) -> dict:
+    """CPU seconds per image of (e) and (f) on the same `n` ImageNet-sized photos (best of `repeat`)."""
+    from prep.build import build_shards
+
+    tree = root / "tree"
+    (root / "flat").mkdir(parents=True)
+    made = make_images(root / "flat", n, 0.0, seed, workers)
+    paths = []
+    for i, path in enumerate(made):  # an ILSVRC-style tree of 10 classes, as `--source DIR` reads it
+        wnid = f"n{i % 10:08d}"
+        (tree / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        paths.append(path.rename(tree / "train" / wnid / f"{wnid}_{i}.JPEG"))
+    paths.sort()
+    out, tar_path = root / "shards", root / "minimal.tar"
+
+    def build() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        build_shards(out, source=str(tree), splits=("train",), workers=1)
+
+    methods = {
+        "minimal_bicubic": lambda: minimal_to_tar(paths, tar_path, Image.BICUBIC),
+        "minimal_lanczos": lambda: minimal_to_tar(paths, tar_path, Image.LANCZOS),
+        "build": build,
+    }
+    best = {name: float("inf") for name in methods}
+    for _ in range(repeat):
+        for name, fn in methods.items():
+            t = time.process_time()
+            fn()
+            best[name] = min(best[name], time.process_time() - t)
+    return {name: seconds / n for name, seconds in best.items()}
+
+
 def machine() -> dict:
     import PIL.features
 
@@ -162,6 +221,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200, help="how many test images (default 200)")
     ap.add_argument("--large-fraction", type=float, default=0.1, help="share above 2000 px (default 0.1)")
     ap.add_argument("--repeat", type=int, default=3, help="passes per method; the best counts (default 3)")
+    ap.add_argument("--build-images", type=int, default=400,
+                    help="ImageNet-sized photos for the build vs minimal script comparison (default 400)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--plain-python", help="another interpreter to run (a) under too, e.g. stock Pillow's")
@@ -199,6 +260,7 @@ def main() -> None:
             best["naive_plain"] = [plain["seconds"][p.name] for p in paths]
             info["plain_pillow"] = plain["pil"]
         pools = {n: pool_seconds(paths, n, args.repeat) for n in sorted({1, min(2, cores)})}
+        per_image = build_vs_minimal(Path(tmp) / "build", args.build_images, args.seed + 1, cores, args.repeat)
 
     n = len(paths)
 
@@ -253,9 +315,27 @@ def main() -> None:
     print(table)
     if 2 in pools:
         print(f"\nscaling 1 -> 2 workers: {pools[1] / pools[2]:.2f}x")
+    build = {name: {"ms_per_image": 1e3 * sec, "images_per_cpu_s": 1 / sec} for name, sec in per_image.items()}
+    build["ratio"] = per_image["minimal_bicubic"] / per_image["build"]
+    build["ratio_lanczos"] = per_image["minimal_lanczos"] / per_image["build"]
+    build_labels = {
+        "minimal_bicubic": "(e) minimal script: open, convert, bicubic 256, crop, JPEG q90, append to tar",
+        "minimal_lanczos": "(e') the same with Lanczos (alexprep's filter)",
+        "build": "(f) build_shards(workers=1), train split: stats, shard tar, records, _info.json",
+    }
+    build_table = "\n".join(["| what | images per CPU-second | ms/img |", "| --- | --- | --- |"] + [
+        f"| {label} | {build[name]['images_per_cpu_s']:.0f} | {build[name]['ms_per_image']:.2f} |"
+        for name, label in build_labels.items()])
+    print(f"\nbuild vs minimal script: {args.build_images} ImageNet-sized photo-like JPEG q90 as an ILSVRC "
+          f"tree; CPU time, best of {args.repeat}\n")
+    print(build_table)
+    print(f"\nbuild-shards --workers 1 / minimal script (bicubic), images per CPU-second: {build['ratio']:.2f}x "
+          f"(against the Lanczos variant: {build['ratio_lanczos']:.2f}x)")
     if args.json:
-        images = {"count": n, "large": sum(large), "megabytes": data_mb, "repeat": args.repeat}
-        payload = {"machine": info, "images": images, "results": results, "table": table}
+        images = {"count": n, "large": sum(large), "megabytes": data_mb, "repeat": args.repeat,
+                  "build_images": args.build_images}
+        payload = {"machine": info, "images": images, "results": results, "table": table, "build": build,
+                   "build_table": build_table}
         tmp_path = args.json.with_name(f".tmp-{args.json.name}")
         tmp_path.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp_path, args.json)
