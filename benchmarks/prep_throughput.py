@@ -13,7 +13,9 @@ as an ILSVRC folder tree (issue 9's measure):
       JPEG q90, append to a tar (and the same with Lanczos, the filter alexprep uses);
   (f) `prep.build.build_shards(source=<tree>, splits=("train",), workers=1)`: everything the build does
       for a train image (statistics, shard tar, resume records, _info.json), in this process;
-and reports (f)'s images per CPU-second over (e)'s.
+and reports (f)'s images per CPU-second over (e)'s. Last, the pixel statistics two ways, on those photos
+and on the synthetic train set: of the written JPEGs decoded again (what the build does) and of the
+pixels before encoding (no decode): CPU cost, and how far apart the two results are.
 Each measurement is the best of `--repeat` passes, the methods taking turns so that background
 load hits them alike; (a) to (c), (e) and (f) count CPU seconds of the one process, (d) wall seconds.
 With `--plain-python`, (a) also runs under another interpreter (say, a virtual environment with stock
@@ -192,6 +194,37 @@ def build_vs_minimal(root: Path, n: int, seed: int, workers: int, repeat: int) -
     return {name: seconds / n for name, seconds in best.items()}
 
 
+def stats_options(datas: list[bytes], repeat: int) -> dict:
+    """Pixel statistics two ways on the same images: of the written JPEG decoded again (what the build
+    does) and of the pixels before encoding (no decode); CPU ms per image and how far apart they are."""
+    import numpy as np
+
+    from prep.image import process, resize_crop
+    from prep.stats import PixelSums
+
+    outs = [(np.asarray(resize_crop(d).image), process(d).jpeg) for d in datas]
+    ways = {"decoded": lambda o: PixelSums.of_jpeg(o[1]), "before_encoding": lambda o: PixelSums.of_image(o[0])}
+    result = {}
+    for name, fn in ways.items():
+        best, total = float("inf"), PixelSums()
+        for _ in range(repeat):
+            t = time.process_time()
+            for o in outs:
+                fn(o)
+            best = min(best, time.process_time() - t)
+        for o in outs:
+            total.add(fn(o))
+        result[name] = {"ms_per_image": 1e3 * best / len(outs), "stats": total.stats()}
+    ref, other = result["decoded"]["stats"], result["before_encoding"]["stats"]
+    result["deviation"] = {
+        "mean": max(abs(a - b) for a, b in zip(other["mean"], ref["mean"])),
+        "std": max(abs(a - b) for a, b in zip(other["std"], ref["std"])),
+        "cov": max(abs(a - b) for ra, rb in zip(other["cov"], ref["cov"]) for a, b in zip(ra, rb)),
+        "eigval_rel": max(abs(a - b) / b for a, b in zip(other["eigval"], ref["eigval"])),
+    }
+    return result
+
+
 def machine() -> dict:
     import PIL.features
 
@@ -261,6 +294,13 @@ def main() -> None:
             info["plain_pillow"] = plain["pil"]
         pools = {n: pool_seconds(paths, n, args.repeat) for n in sorted({1, min(2, cores)})}
         per_image = build_vs_minimal(Path(tmp) / "build", args.build_images, args.seed + 1, cores, args.repeat)
+        from prep import synthetic
+
+        stats_sets = {
+            "photos": [p.read_bytes() for p in sorted((Path(tmp) / "build" / "tree").rglob("*.JPEG"))],
+            "synthetic": [synthetic.image_bytes(k, c) for k, c in synthetic.items("train", args.seed, per_class=30)],
+        }
+        stats = {name: stats_options(datas, args.repeat) for name, datas in stats_sets.items()}
 
     n = len(paths)
 
@@ -331,11 +371,17 @@ def main() -> None:
     print(build_table)
     print(f"\nbuild-shards --workers 1 / minimal script (bicubic), images per CPU-second: {build['ratio']:.2f}x "
           f"(against the Lanczos variant: {build['ratio_lanczos']:.2f}x)")
+    print("\npixel statistics of the written JPEGs decoded again (the build) vs of the pixels before encoding:")
+    for name, r in stats.items():
+        d = r["deviation"]
+        print(f"  {name} ({len(stats_sets[name])} images): decoded {r['decoded']['ms_per_image']:.2f} ms/img, "
+              f"before encoding {r['before_encoding']['ms_per_image']:.2f} ms/img; apart by mean {d['mean']:.1e}, "
+              f"std {d['std']:.1e}, cov {d['cov']:.1e}, eigenvalues {100 * d['eigval_rel']:.1f}%")
     if args.json:
         images = {"count": n, "large": sum(large), "megabytes": data_mb, "repeat": args.repeat,
                   "build_images": args.build_images}
         payload = {"machine": info, "images": images, "results": results, "table": table, "build": build,
-                   "build_table": build_table}
+                   "build_table": build_table, "stats_options": stats}
         tmp_path = args.json.with_name(f".tmp-{args.json.name}")
         tmp_path.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp_path, args.json)

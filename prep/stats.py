@@ -1,12 +1,10 @@
 """Exact RGB pixel statistics of the training split, for `stats.json`.
 
 The statistics are taken from the shards' JPEGs decoded again: the pixels a reader of the shards
-(the trainer) sees. The pixels before encoding would save the decode (about 0.25 ms of the 0.5 ms
-this costs per 256 px image), but JPEG's 4:2:0 chroma and quantisation shift the statistics beyond
-the 1e-3 (mean, std, cov) and 2% (eigenvalues) a check against the decoded shards allows: per-channel
-std by up to 2.2e-3 on the synthetic set and 6.3e-3 on 80 crops of two camera photos, the smallest
-eigenvalue by 2.6% and 14%. Modelling the decoder's chroma path on the pixels before encoding brings
-that within 5e-4 and 0.5%, but costs as much as the decode it replaces (docs/benchmarks.md, prep).
+(the trainer) sees. The pixels before encoding would halve their cost (about 0.25 of 0.5 ms per 256 px
+image), but JPEG's 4:2:0 chroma and quantisation move the result beyond the 1e-3 (mean, std, cov) and
+2% (eigenvalues) that a check against the decoded shards allows: std by up to 2.2e-3 and eigenvalues
+by 2.6% on the synthetic train set (benchmarks/prep_throughput.py, docs/benchmarks.md).
 
 Every image contributes integer sums of its 256x256 uint8 pixels (per-channel sums and the 3x3 sums
 of channel products). Integer sums are exact and their total does not depend on the order they are
