@@ -236,7 +236,7 @@ def _process_one(job: _Job, split: str, task: _Task) -> _Sample:
         return _Sample(task.row, task.key, task.label, skipped=task.skip)
     try:
         data = task.data if task.data is not None else job.source.read(split, task.row)
-        p = process(data, size=IMAGE_SIZE, quality=job.quality)
+        p = process(data, size=IMAGE_SIZE, quality=job.quality, sums=split == "train")
     except SkipImage as e:
         return _Sample(task.row, task.key, task.label, skipped=str(e))
     except OSError as e:  # a file the source lists but cannot read
@@ -246,8 +246,7 @@ def _process_one(job: _Job, split: str, task: _Task) -> _Sample:
             "mode": p.mode, "format": p.format}
     fields = (("jpg", p.jpeg), ("cls", str(task.label).encode("ascii")),
               ("json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")))
-    return _Sample(task.row, task.key, task.label, _members(task.key, fields),
-                   PixelSums.of_jpeg(p.jpeg) if split == "train" else None)
+    return _Sample(task.row, task.key, task.label, _members(task.key, fields), p.sums)
 
 
 def _part_record(s: _Sample) -> bytes:
