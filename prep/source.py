@@ -4,8 +4,8 @@ Every split is a sequence of rows numbered 0..N-1, cut into parts that are read 
 - parquet (local folder or Hub repo): one part per `data/{split}-*.parquet` file, files in name order,
   rows in file order; a unit is a row group. Row counts come from the parquet footers alone, so the
   build knows every row's place before it reads any image. Rows stream by as the files are read.
-- listed sources (ILSVRC tree, synthetic): items sorted by key, parts of `LIST_PART_ROWS` items, one
-  row per unit; a worker reads an item's bytes itself (`Source.read`).
+- listed sources (ILSVRC tree, synthetic): items sorted by key, parts of at least `LIST_PART_ROWS`
+  items, one row per unit; a worker reads an item's bytes itself (`Source.read`).
 
 A source gives a stable identity string, its class table, a digest of what it holds (recorded with the
 build, so a resumed build refuses changed inputs) and per split its parts. Parquet rows are read with
@@ -28,7 +28,11 @@ from prep.contract import SPLITS, ClassInfo, imagenet_classes
 HUB_ID = "ILSVRC/imagenet-1k"
 SYNTHETIC = "synthetic"
 _FOOTER_THREADS = 8  # parquet footers read at once when a source is opened
-LIST_PART_ROWS = 256  # listed items per part: how often a build over a tree or synthetic commits its progress
+# Listed items per part: a build over a tree or synthetic commits its progress after each part, at least
+# every LIST_PART_ROWS items but at most LIST_PARTS times per split (each commit syncs every partial shard
+# it touched: ImageNet's 1.28 M train files make parts of about 5,000, like one of its parquet files).
+LIST_PART_ROWS = 256
+LIST_PARTS = 256
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 # Split name -> folder names an ILSVRC-2012 style tree may use for it, in order of preference.
@@ -164,9 +168,9 @@ def _sorted_items(keys: list[str], fallback: list[str], labels: list[int], where
 
 
 def _listed_split(name: str, items: list[Item], read_item: Callable[[int], bytes]) -> Split:
-    parts = [Part(f"items {start}-{min(start + LIST_PART_ROWS, len(items)) - 1}",
-                  (1,) * min(LIST_PART_ROWS, len(items) - start))
-             for start in range(0, len(items), LIST_PART_ROWS)]
+    per_part = max(LIST_PART_ROWS, -(-len(items) // LIST_PARTS))
+    parts = [Part(f"items {start}-{min(start + per_part, len(items)) - 1}", (1,) * min(per_part, len(items) - start))
+             for start in range(0, len(items), per_part)]
     return Split(name, parts, items, read_item)
 
 

@@ -234,3 +234,10 @@ def test_tree_errors_are_one_clear_line(tmp_path):
     write_tree(tmp_path / "d", {"train/cat/.hidden": b"x"})
     with pytest.raises(SourceError, match="the train split holds no images"):
         open_source(str(tmp_path / "d"), ("train",))
+
+
+def test_listed_sources_are_read_in_parts_of_at_least_256_and_at_most_256_parts():
+    small = open_source("synthetic", ("train",), {"train": 30}).split("train")
+    assert [p.num_rows for p in small.parts] == [256, 44] and small.parts[1].name == "items 256-299"
+    large = open_source("synthetic", ("train",), {"train": 10_000}).split("train")
+    assert len(large.parts) == 256 and {p.num_rows for p in large.parts[:-1]} == {391} and large.num_rows == 100_000
