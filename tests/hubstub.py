@@ -98,9 +98,9 @@ def _entry(path: Path) -> _Entry:
 class _HubError(Exception):
     """An error answer: status, the Hub's `X-Error-Code` and message."""
 
-    def __init__(self, status: int, code: str | None, message: str):
+    def __init__(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
 class _Pacer:
@@ -291,9 +291,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
             start = int(first)
             end = size if last == "" else min(size, int(last) + 1)
     except ValueError:
-        raise _HubError(416, None, f"Invalid range {header!r}") from None
-    if start >= size or start >= end:
-        raise _HubError(416, None, f"Range {header!r} not satisfiable for size {size}")
+        start = end = -1
+    if not 0 <= start < min(end, size):
+        raise _HubError(416, None, f"Range {header!r} not satisfiable for size {size}",
+                        {"Content-Range": f"bytes */{size}"})
     return start, end
 
 
@@ -460,11 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
         start, end, status = 0, entry.size, 200
         if self.headers.get("Range") is not None:
-            try:
-                start, end = _parse_range(self.headers["Range"], entry.size)
-            except _HubError as e:
-                e.headers = {"Content-Range": f"bytes */{entry.size}"}
-                raise
+            start, end = _parse_range(self.headers["Range"], entry.size)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
         headers["Content-Length"] = str(end - start)
@@ -520,7 +517,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Error-Message", e.message)
         if e.code == "EntryNotFound":
             self.send_header("X-Repo-Commit", COMMIT)
-        for name, value in getattr(e, "headers", {}).items():
+        for name, value in e.headers.items():
             self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -633,9 +630,10 @@ def make_imagenet_like_repo(folder: str | Path, *, files: dict[str, int] | None 
                       for c, p in zip(labels[sl], paths[sl])]
             table = pa.table({"image": images, "label": pa.array(labels[sl], pa.int64())}, schema=schema)
             rel = f"data/{split}-{i:05d}-of-{n_files:05d}.parquet"
-            pq.write_table(table, Path(folder) / rel, row_group_size=row_group_size)
-            meta = pq.read_metadata(Path(folder) / rel)
-            summary.append(RepoFile(rel, split, table.num_rows, meta.num_row_groups, (Path(folder) / rel).stat().st_size))
+            path = Path(folder) / rel
+            pq.write_table(table, path, row_group_size=row_group_size)
+            summary.append(RepoFile(rel, split, table.num_rows, pq.read_metadata(path).num_row_groups,
+                                    path.stat().st_size))
     summary.sort(key=lambda f: f.path)  # as the Hub lists them
     return RepoSummary(summary, sum(f.bytes for f in summary), names)
 
