@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from torchvision.io import decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from train import checkpoint
 from train.augment import PixelStats, eval_views
@@ -76,25 +76,27 @@ def test_eval_json_matches_the_run_and_ten_crop_counts_every_image(run, demo_sha
 
 @pytest.mark.slow
 def test_predict_top5_on_jpeg_and_png(run, demo_shards, tmp_path):
-    """A validation picture as its JPEG bytes and as a PNG of its decoded pixels: the PNG's top 5 are
-    exactly the model's softmax over the center crop; the JPEG (decoded by Pillow) agrees."""
+    """A validation picture as its JPEG bytes and as a PNG of its decoded pixels: the JPEG's top 5 are
+    exactly the model's softmax over the center crop of the picture as alexprep prepares it; the PNG
+    (one more JPEG round trip away from the same pixels) agrees."""
     with tarfile.open(demo_shards / "validation-000000.tar") as tar:
         jpg = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read()
     (tmp_path / "picture.jpg").write_bytes(jpg)
-    pixels = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))  # (3, 256, 256)
+    pixels = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode="RGB")  # (3, 256, 256)
     Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(tmp_path / "picture.png")
 
     state = checkpoint.load(run / "best.pt")
-    names = [c["name"] for c in state["classes"]]
+    names, scaling = [c["name"] for c in state["classes"]], checkpoint.input_scaling(state)
+    assert scaling == "standardize"  # alexnet-bn's
     model, _ = checkpoint.load_model(run / "best.pt", torch.device("cpu"))
     stats = PixelStats.from_json(state["stats"])
     with torch.no_grad():
-        probs = torch.softmax(model(eval_views(pixels[None], stats, 64)[0]), dim=1)[0]  # (10,)
+        probs = torch.softmax(model(eval_views(load_image(tmp_path / "picture.jpg")[None], stats, 64, scaling=scaling)[0]), dim=1)[0]
     top = probs.topk(5)
     expected = [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
-    (png,) = predict_images(model, [tmp_path / "picture.png"], stats, names, torch.device("cpu"), crop_size=64)
-    (jpeg,) = predict_images(model, [tmp_path / "picture.jpg"], stats, names, torch.device("cpu"), crop_size=64)
-    assert png == expected and len({n for n, _ in png}) == 5
+    (png,) = predict_images(model, [tmp_path / "picture.png"], stats, names, torch.device("cpu"), scaling=scaling, crop_size=64)
+    (jpeg,) = predict_images(model, [tmp_path / "picture.jpg"], stats, names, torch.device("cpu"), scaling=scaling, crop_size=64)
+    assert jpeg == expected and len({n for n, _ in jpeg}) == 5
     assert jpeg[0][0] == png[0][0] and all(abs(p - q) < 0.02 for (_, p), (_, q) in zip(jpeg, png))
 
     # Both pictures in one call: "path", then five "  12.3%  name" lines each.

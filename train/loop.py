@@ -93,7 +93,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with _writing(self.path.parent), open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     def rewind(self, global_step: int, epochs_done: int) -> None:
@@ -188,7 +188,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
 
     # ---- the epochs
     aug_gen = torch.Generator(device)
-    record = {}
+    record, lr = {}, schedule.lr(at.global_step)
     if at.epoch >= config.epochs and world.is_main:
         tqdm.write(f"{config.resume}: all {config.epochs} epochs are done; pass a larger --epochs to train on")
     for epoch in range(at.epoch, config.epochs):
@@ -235,8 +235,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
             record.update(val_top1_err=val["top1_err"], val_top5_err=val["top5_err"], val_loss=val["loss"],
                           eval_time=time.perf_counter() - eval_start, best_top1_err=at.best)
         record["time"] = time.time()  # wall clock, as in the "start" records
-        with _writing(out):
-            metrics.write(record)
+        metrics.write(record)
         if world.is_main:
             tqdm.write(summary_line(record))
         at.step, at.totals = 0, EpochTotals()
