@@ -54,8 +54,12 @@ def test_help_lists_every_training_option_with_its_default():
                     "--lr FLOAT base learning rate, for a global batch of 128 [default: 0.01]", "[default: plateau]",
                     "--arch [alexnet|alexnet-tv|alexnet-bn]"):
         assert default in text
+    # patience counts evaluations (one every --eval-every epochs), and the help says so
+    assert "--patience INTEGER plateau schedule: evaluations (one every --eval-every epochs) without a better" in text
     for command in ("eval", "predict", "train"):
         assert invoke(command, "--help").exit_code == 0
+    eval_help = " ".join(invoke("eval", "--help").output.split())
+    assert "--workers INTEGER RANGE loader worker processes that read and decode the shards" in eval_help and "DataLoader" not in eval_help
 
 
 @pytest.mark.parametrize("command", [[], ["train"]])
