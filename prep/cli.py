@@ -14,7 +14,7 @@ import click
 from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, BuildConfig, BuildError, build
 from prep.contract import SPLITS
 from prep.fetch import FetchError
-from prep.report import format_report, shard_report, stats_cmd, verify_cmd
+from prep.folder_report import format_report, shard_report, stats_cmd, verify_cmd
 from prep.source import HUB_ID, SYNTHETIC, SourceError
 
 DEMO_OUT = "shards/demo"

@@ -15,7 +15,7 @@ from quirk_images import write_quirk_files
 from prep.cli import main
 from prep.contract import INFO_NAME, STATS_NAME, read_info
 from prep.image import pillow_flavour
-from prep.report import format_report, shard_report
+from prep.folder_report import format_report, shard_report
 
 ALEXPREP = str(Path(sys.executable).with_name("alexprep"))  # the console script installed beside this Python
 SMALL = ["--source", "synthetic", "--per-class", "train=4", "--per-class", "validation=2", "--shard-size", "15",

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from grey_shards import write_folder
 from prep.contract import ContractError, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
-from prep.report import verify_cmd
+from prep.folder_report import verify_cmd
 from train.stream import open_shards
 
 

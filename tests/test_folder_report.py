@@ -1,4 +1,4 @@
-"""`alexprep stats` / `alexprep verify` (prep/report.py) on real tar shards.
+"""`alexprep stats` / `alexprep verify` (prep/folder_report.py) on real tar shards.
 
 The happy path runs on the session's `demo_shards` (a real synthetic build). A small hand-written
 folder (`make_folder`) follows the contract exactly and adds what a synthetic build lacks (skipped
@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import DEMO_PER_CLASS, DEMO_SHARD_SIZE
 from prep.cli import main
 from prep.contract import INFO_NAME, SCHEMA_VERSION, STATS_NAME, ClassInfo, atomic_write, read_stats, shard_name, write_json
-from prep.report import (
+from prep.folder_report import (
     MAX_SAMPLE_PROBLEMS,
     VIZ_HINT,
     format_report,
