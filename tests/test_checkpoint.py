@@ -167,3 +167,9 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         checkpoint.resolve(tmp_path)
     assert str(e.value) == f"{tmp_path}: the run stopped before its first checkpoint; start it again without --resume"
+
+
+def test_input_scaling_record():
+    """A checkpoint says how its model was fed; one from before the record was trained standardised."""
+    assert checkpoint.input_scaling({"inputs": "subtract-mean"}) == "subtract-mean"
+    assert checkpoint.input_scaling({"format": checkpoint.FORMAT, "config": {}}) == "standardize"

@@ -2,7 +2,6 @@
 conversions, resize and JPEG round trip, then the loader's decode."""
 
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest

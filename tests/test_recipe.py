@@ -7,6 +7,7 @@ import pytest
 
 from train import checkpoint
 from train.config import TrainConfig
+from train.evaluate import evaluate_checkpoint
 from train.loop import METRICS, train
 
 # 90 steps of 32 demo images (300 train, 10 classes; the stream cycles through them): about a minute
@@ -31,3 +32,6 @@ def test_the_paper_model_learns_with_the_default_recipe(demo_shards, tmp_path):
     assert min(losses[-5:]) < 1.8, losses
     assert record["val_top1_err"] <= 0.7, record
     assert checkpoint.load(tmp_path)["inputs"] == "subtract-mean"
+    # eval feeds the checkpoint's model as it was trained: the run's own numbers again
+    again = evaluate_checkpoint(str(tmp_path), mode="center", batch_size=32, workers=1, device="cpu")
+    assert (again["top1_err"], again["top5_err"]) == (record["val_top1_err"], record["val_top5_err"])
