@@ -107,6 +107,15 @@ def test_listing_info_and_paths_info(hub, hub_repo):
     assert hub.total_sent == 0
 
 
+def test_the_fixed_commit_is_a_revision(hub, hub_repo, tmp_path):
+    data = (hub_repo[0] / TRAIN0).read_bytes()
+    path = hf_hub_download(REPO, TRAIN0, repo_type="dataset", revision=COMMIT, cache_dir=tmp_path)
+    assert Path(path).read_bytes() == data and COMMIT in path
+    with HfFileSystem().open(f"datasets/{REPO}@{COMMIT}/{TRAIN0}", "rb", cache_type="none") as f:
+        assert f.read(10) == data[:10]
+    assert {r.status for r in hub.requests} <= {200, 206}
+
+
 def test_tree_pages_are_followed(hub, hub_repo):
     hub.page_size = 5
     assert len(HfApi().list_repo_files(REPO, repo_type="dataset")) == 36
