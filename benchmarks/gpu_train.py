@@ -187,11 +187,11 @@ def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, 
     data_wait: the share of the timed seconds the loop spent blocked on the loader. transport
     "dataloader" (decode "cpu" only): torch's DataLoader instead of alextrain's worker slots."""
     where, _, gpu_decoder = decode.partition("-")  # "both-nvimgcodec": decode "both" with nvImageCodec
-    stream = ShardStream(split, batch, train=True, seed=0, epoch=epoch, steps=warmup + timed, decode=where)
+    stream = ShardStream(split, batch, train=True, seed=0, epoch=epoch, steps=warmup + timed)
     if transport == "dataloader":
         loader = TorchDataLoaderInput(stream, workers, device)
     else:
-        loader = DeviceLoader(make_loader(stream, workers, device), device, gpu_decoder or "torchvision")
+        loader = DeviceLoader(make_loader(stream, workers, device, decode=where), device, gpu_decoder or "torchvision")
     batches = iter(loader)
     t0 = time.perf_counter()
     for i in range(warmup):

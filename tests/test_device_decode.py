@@ -55,7 +55,7 @@ def test_nvimgcodec_batches_through_the_loader_and_a_bad_jpeg_names_its_shard(tm
     nvimgcodec_or_skip()
     folder = write_folder(tmp_path)
     split = open_shards(str(folder)).split("validation")
-    got = list(DeviceLoader(make_loader(ShardStream(split, 4, train=False, decode="gpu"), 2, CPU), CPU, "nvimgcodec"))
+    got = list(DeviceLoader(make_loader(ShardStream(split, 4, train=False), 2, CPU, decode="gpu"), CPU, "nvimgcodec"))
     for images, labels in got:
         check_pixels(images, labels)
     assert sorted(sum((labels.tolist() for _, labels in got), [])) == list(range(11))
@@ -65,9 +65,9 @@ def test_nvimgcodec_batches_through_the_loader_and_a_bad_jpeg_names_its_shard(tm
     jpg = data.index(b"\xff\xd8\xff")
     data[jpg + 2 : jpg + 700] = b"\x00" * 698
     path.write_bytes(bytes(data))
-    stream = ShardStream(open_shards(str(folder)).split("validation"), 4, train=False, decode="gpu")
+    stream = ShardStream(open_shards(str(folder)).split("validation"), 4, train=False)
     with pytest.raises(ShardError, match=rf"^{path}: a JPEG does not decode \(nvImageCodec could not decode 1 of 4 JPEGs\)$"):
-        list(DeviceLoader(make_loader(stream, 0, CPU), CPU, "nvimgcodec"))
+        list(DeviceLoader(make_loader(stream, 0, CPU, decode="gpu"), CPU, "nvimgcodec"))
 
 
 def test_a_missing_or_unknown_decoder_is_one_clear_error(monkeypatch):

@@ -96,11 +96,11 @@ def test_a_batch_says_what_it_is(folder, workers):
     """Decoded on the CPU or JPEG bytes for the device: two named kinds, whatever the transport."""
     images, labels = batch = next(iter(make_loader(train_stream(folder), workers, CPU)))
     assert type(batch) is ImageBatch and images.shape == (3, 3, 256, 256) and labels.dtype == torch.int64
-    packed = next(iter(make_loader(train_stream(folder, decode="gpu"), workers, CPU)))
+    packed = next(iter(make_loader(train_stream(folder), workers, CPU, decode="gpu")))
     assert type(packed) is JpegBatch and packed.lengths.sum() == packed.data.numel() and packed.labels.shape == (3,)
     assert all(url.startswith(str(folder)) and url.endswith(".tar") for url in packed.urls)
     with pytest.raises(ValueError, match="unknown decode 'fpga'; one of cpu, gpu, both"):
-        make_loader(train_stream(folder, decode="fpga"), workers, CPU)
+        make_loader(train_stream(folder), workers, CPU, decode="fpga")
 
 
 def oversized_jpeg(i: int) -> bytes:
@@ -115,14 +115,14 @@ def test_jpeg_bytes_for_the_device_go_through_slots_or_spill_when_larger(tmp_pat
     # Validation shard 0 holds samples 0..2, oversized; shard 1 samples 3..5. Two workers, one shard each.
     folder = write_folder(tmp_path, train_lengths=(4, 4), val_lengths=(3, 3), jpeg=lambda i: oversized_jpeg(i) if i < 3 else jpeg_of(i))
     split = open_shards(str(folder)).split("validation")
-    stream = ShardStream(split, 3, train=False, decode="gpu")
+    stream = ShardStream(split, 3, train=False)
     raw = [pack_batch(b) for b in stream.raw_batches(0, 2)] + [pack_batch(b) for b in stream.raw_batches(1, 2)]
-    got = [(data.clone(), lengths, labels, urls) for data, lengths, labels, urls in make_loader(stream, 2, CPU)]
+    got = [(data.clone(), lengths, labels, urls) for data, lengths, labels, urls in make_loader(stream, 2, CPU, decode="gpu")]
     assert len(got) == len(raw) == 2
     for (a, la, ca, ua), (b, lb, cb, ub) in zip(raw, got):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ca, cb) and ua == ub
     assert got[0][1].sum() > 3 * 256 * 256 * 3  # the first batch did not fit its slot
-    decoded = list(DeviceLoader(make_loader(stream, 2, CPU), CPU))
+    decoded = list(DeviceLoader(make_loader(stream, 2, CPU, decode="gpu"), CPU))
     for images, labels in decoded:
         check_pixels(images, labels)
     assert sorted(sum((labels.tolist() for _, labels in decoded), [])) == [0, 1, 2, 3, 4, 5]
@@ -132,7 +132,7 @@ def test_both_leaves_to_the_device_only_the_batches_started_while_training_waits
     # Training steps of 0.2 s: once started, the workers are ahead, so no batch they start finds the
     # main process waiting, and they decode every one. Worker 0's first batch starts while the main
     # process waits for it: its JPEG bytes go to the device.
-    loader = DeviceLoader(make_loader(train_stream(folder, steps=10, decode="both"), 2, CPU, depth=2), CPU)
+    loader = DeviceLoader(make_loader(train_stream(folder, steps=10), 2, CPU, decode="both", depth=2), CPU)
     got, on_device = [], []
     for images, labels in loader:
         on_device.append(loader.decoded_here - sum(on_device))
@@ -213,8 +213,8 @@ def running(pid: int) -> bool:
 
 def test_make_loader_locks_pages_only_when_workers_decode_for_cuda(folder):
     cuda = torch.device("cuda")
-    assert make_loader(train_stream(folder), 2, cuda).pin and make_loader(train_stream(folder, decode="both"), 2, cuda).pin
-    assert not make_loader(train_stream(folder, decode="gpu"), 2, cuda).pin
+    assert make_loader(train_stream(folder), 2, cuda).pin and make_loader(train_stream(folder), 2, cuda, decode="both").pin
+    assert not make_loader(train_stream(folder), 2, cuda, decode="gpu").pin
     assert not make_loader(train_stream(folder), 2, CPU).pin
     with pytest.raises(ValueError, match="at least one slot"):
         WorkerLoader(train_stream(folder), 2, depth=0)

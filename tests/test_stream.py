@@ -30,8 +30,8 @@ def folder(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("shards"))
 
 
-def collect(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(DeviceLoader(make_loader(stream, workers, CPU), CPU))
+def collect(stream: ShardStream, workers: int, decode: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(DeviceLoader(make_loader(stream, workers, CPU, decode=decode), CPU))
 
 
 def test_read_shard_yields_raw_samples_in_file_order(folder):
@@ -114,7 +114,7 @@ def test_resume_at_a_step_gives_the_rest_of_the_epoch(folder, workers, start):
 def test_decode_on_device_equals_decode_in_workers(folder):
     split = open_shards(str(folder)).split("validation")
     cpu = collect(ShardStream(split, 4, train=False), 0)
-    device = collect(ShardStream(split, 4, train=False, decode="gpu"), 0)
+    device = collect(ShardStream(split, 4, train=False), 0, decode="gpu")
     assert len(cpu) == len(device) == 3
     for (a, la), (b, lb) in zip(cpu, device):
         assert torch.equal(la, lb) and torch.equal(a, b)

@@ -61,9 +61,9 @@ def evaluate(
     pass yields both of the paper's test protocols."""
     was_training = model.training
     model.eval()
-    stream = ShardStream(split, batch_size, train=False, rank=rank, world_size=world_size, decode=decode)
+    stream = ShardStream(split, batch_size, train=False, rank=rank, world_size=world_size)
     sums = EvalSums.zeros(device)
-    for images, labels in DeviceLoader(make_loader(stream, workers, device), device, gpu_decoder):
+    for images, labels in DeviceLoader(make_loader(stream, workers, device, decode=decode), device, gpu_decoder):
         x = eval_views(images, stats, crop_size, mode, scaling=scaling)  # (V, B, 3, S, S)
         v, b = x.shape[:2]
         x = x.flatten(0, 1)  # (V * B, 3, S, S)

@@ -101,11 +101,12 @@ def pack_batch(batch: list[Sample]) -> JpegBatch:
     return JpegBatch(data, lengths, labels, sorted({s.url for s in batch}))
 
 
-def make_loader(stream: ShardStream, workers: int, device: torch.device, depth: int = DEPTH) -> WorkerLoader:
-    """The stream's batches on the host, read by `workers` processes (0: in this one), decoded as
-    `stream.decode` asks (read here once: from here on the loader's policy); the slots are page-locked
-    when `device` is CUDA and the workers decode ("cpu" or "both")."""
-    return WorkerLoader(stream, workers, decode=stream.decode, pin=device.type == "cuda" and stream.decode != "gpu", depth=depth)
+def make_loader(stream: ShardStream, workers: int, device: torch.device, *, decode: str = "cpu",
+                depth: int = DEPTH) -> WorkerLoader:
+    """The stream's batches on the host, read by `workers` processes (0: in this one), decoded as the
+    policy `decode` says (DECODES); the slots are page-locked when `device` is CUDA and the workers
+    decode ("cpu" or "both")."""
+    return WorkerLoader(stream, workers, decode=decode, pin=device.type == "cuda" and decode != "gpu", depth=depth)
 
 
 # Messages from a worker to the main process (the main process sends back only freed slot numbers).

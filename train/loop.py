@@ -195,8 +195,8 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         model.train()
         stream = ShardStream(train_split, config.batch_size, train=True, seed=config.seed, epoch=epoch, steps=steps_per_epoch,
                              start=at.step, rank=world.rank, world_size=world.world_size,
-                             shuffle_buffer=config.shuffle_buffer, decode=config.decode)
-        loader = DeviceLoader(make_loader(stream, config.workers, device), device, config.gpu_decoder)
+                             shuffle_buffer=config.shuffle_buffer)
+        loader = DeviceLoader(make_loader(stream, config.workers, device, decode=config.decode), device, config.gpu_decoder)
         interval = Interval(device, at.global_step)
         with tqdm(total=steps_per_epoch, initial=at.step, desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not world.is_main, dynamic_ncols=True) as bar:

@@ -420,7 +420,6 @@ class ShardStream:
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 1000,
-        decode: str = "cpu",
     ):
         if train and steps is None:
             raise ValueError("a training stream needs its number of steps")
@@ -428,7 +427,6 @@ class ShardStream:
         self.seed, self.epoch, self.steps, self.start = seed, epoch, steps, start
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = shuffle_buffer
-        self.decode = decode  # where the loader is to decode the JPEGs (train.loader.DECODES)
 
     def raw_batches(self, turn: int = 0, turns: int = 1) -> Iterator[list[Sample]]:
         """The batches the loader takes at turn `turn` of `turns` (train/loader.py takes the epoch's
