@@ -17,6 +17,7 @@ from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig
 from train.evaluate import evaluate_checkpoint
+from train.loop import MetricsError, MetricsLog
 from train.model import build_model
 
 ALEXTRAIN = [sys.executable, "-m", "train.cli"]
@@ -173,3 +174,19 @@ def test_input_scaling_record():
     """A checkpoint says how its model was fed; one from before the record was trained standardised."""
     assert checkpoint.input_scaling({"inputs": "subtract-mean"}) == "subtract-mean"
     assert checkpoint.input_scaling({"format": checkpoint.FORMAT, "config": {}}) == "standardize"
+
+
+def test_resume_reads_metrics_as_report_does(tmp_path):
+    """Rewinding a killed run's metrics.jsonl drops what came after its checkpoint and a torn last line
+    of any bytes (as `alextrain report` does); a broken line in the middle is one error naming it."""
+    records = [{"kind": "start", "global_step": 0}, {"kind": "train_step", "epoch": 1, "global_step": 1},
+               {"kind": "train_step", "epoch": 1, "global_step": 2}]
+    whole = "".join(json.dumps(r) + "\n" for r in records).encode()
+    path = tmp_path / "metrics.jsonl"
+    for torn in (b'{"kind": "tr\xff\xfe\x80', b"\x00" * 300):
+        path.write_bytes(whole + torn)
+        MetricsLog(path, enabled=True).rewind(global_step=1, epochs_done=0)
+        assert path.read_bytes() == "".join(json.dumps(r) + "\n" for r in records[:2]).encode()
+    path.write_bytes(whole + b"\xff{oops\n" + whole)
+    with pytest.raises(MetricsError, match=r"metrics.jsonl: line 4 is not a metrics record: '\ufffd\{oops'$"):
+        MetricsLog(path, enabled=True).rewind(global_step=1, epochs_done=0)

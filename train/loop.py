@@ -41,6 +41,33 @@ class RunFolderError(Exception):
     """The run folder holds another run, or cannot be written; the message says which."""
 
 
+class MetricsError(Exception):
+    """A metrics.jsonl line that is not a record, other than a torn last line; the message names it."""
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order. A killed run may leave its last line torn (no newline
+    at the end, any bytes before it): that line is left out unless it is a whole record. Every other
+    line that is not blank must be a record (a JSON object with a "kind"), else MetricsError names it.
+    Resume (`MetricsLog.rewind`) and `alextrain report` both read the file through this."""
+    *lines, rest = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines + [rest], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["kind"]
+        except (ValueError, TypeError, KeyError):  # UnicodeDecodeError is a ValueError
+            if number > len(lines):
+                break
+            shown = line.decode(errors="replace")
+            shown = shown if len(shown) <= 60 else shown[:59] + "…"
+            raise MetricsError(f"{path}: line {number} is not a metrics record: {shown!r}") from None
+        records.append(record)
+    return records
+
+
 class NonFiniteLoss(Exception):
     """The loss (or the weights) stopped being finite; the message names the step and the last finite loss."""
 
@@ -98,22 +125,14 @@ class MetricsLog:
 
     def rewind(self, global_step: int, epochs_done: int) -> None:
         """Forget what a killed run logged after its checkpoint (global_step, epochs_done), so the
-        resumed run's records follow on without duplicates; a torn last line goes too."""
+        resumed run's records follow on without duplicates; a torn last line goes too (`read_metrics`)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record["kind"] == "train_step" and record["global_step"] > global_step:
-                continue
-            if record["kind"] == "epoch" and record["epoch"] > epochs_done:
-                continue
-            kept.append(line + "\n")
+        kept = [record for record in read_metrics(self.path)
+                if not (record["kind"] == "train_step" and record["global_step"] > global_step)
+                and not (record["kind"] == "epoch" and record["epoch"] > epochs_done)]
         with atomic_write(self.path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(record) + "\n" for record in kept)
 
 
 def train(config: TrainConfig) -> dict:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from prep.contract import IMAGE_SIZE, atomic_write
-from train.loop import CONFIG, METRICS
+from train.loop import CONFIG, METRICS, MetricsError, read_metrics
 from train.predict import load_image
 
 REPORT_NAME = "report.png"
@@ -150,36 +150,18 @@ def predict_sheet(
 # report: reading the run
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, in order. A killed run may leave its last line torn (no newline
-    at the end, any bytes before it): that line is left out unless it is a whole record. Every other
-    line that is not blank must be a record (a JSON object with a "kind"), else ReportError names it."""
-    *lines, rest = path.read_bytes().split(b"\n")
-    records = []
-    for number, line in enumerate(lines + [rest], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record["kind"]
-        except (ValueError, TypeError, KeyError):  # UnicodeDecodeError is a ValueError
-            if number > len(lines):
-                break
-            shown = _fit(line.decode(errors="replace"), 60)
-            raise ReportError(f"{path}: line {number} is not a metrics record: {shown!r}") from None
-        records.append(record)
-    return records
-
-
 def read_run(run_dir: str | os.PathLike) -> tuple[list[dict], dict]:
-    """The records of RUN_DIR/metrics.jsonl in order (`read_metrics`), and RUN_DIR/config.json ({}
+    """The records of RUN_DIR/metrics.jsonl in order (`train.loop.read_metrics`), and RUN_DIR/config.json ({}
     where missing). A missing file, a file without training steps, or an unreadable config.json
     raises ReportError."""
     run_dir = Path(run_dir)
     path = run_dir / METRICS
     if not path.is_file():
         raise ReportError(f"{path}: no metrics here; is {run_dir} a run folder (alextrain --out)?")
-    records = [r for r in read_metrics(path) if r["kind"] in ("start", "train_step", "epoch")]
+    try:
+        records = [r for r in read_metrics(path) if r["kind"] in ("start", "train_step", "epoch")]
+    except MetricsError as e:
+        raise ReportError(str(e)) from None
     if not any(r["kind"] == "train_step" for r in records):
         raise ReportError(f"{path}: no training steps logged yet")
     config_path, config = run_dir / CONFIG, {}
