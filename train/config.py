@@ -35,7 +35,7 @@ class TrainConfig:
     """Everything that defines a training run. Batch sizes are per rank; the global batch is
     batch_size x world size."""
 
-    shards: str | None = _opt(None, "shard folder written by `alexprep build-shards`, or a URL prefix webdataset can open (http(s)://..., pipe:...)")
+    shards: str | None = _opt(None, "shard folder written by `alexprep build-shards`, or a URL prefix: http(s)://..., or pipe:COMMAND (runs a shell: trusted input only)")
     arch: str = _opt("alexnet", "model: the paper's AlexNet, torchvision's variant, or the paper's with BatchNorm", choices=ARCHS)
     epochs: int = _opt(90, "number of epochs")
     batch_size: int = _opt(128, "images per step on each rank")
