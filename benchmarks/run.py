@@ -54,7 +54,7 @@ SECTIONS = {
 def section_args(name: str, args: argparse.Namespace) -> list[str]:
     """The command-line options `benchmarks.run` passes on to a section."""
     if name == "prep":
-        return ["--images", "24", "--repeat", "1"] if args.quick else []
+        return ["--images", "24", "--build-images", "40", "--repeat", "1"] if args.quick else []
     if name == "loader":
         return ["--quick"] if args.quick else []
     extra = ["--device", args.device] + (["--quick"] if args.quick else [])
@@ -79,8 +79,12 @@ def prep_rows(r: dict) -> list[tuple]:
               "ours_pool1": "alexprep process(), pool of 1",
               "ours_pool2": "alexprep process(), pool of 2"}
     names = [n for n in labels if n in r["results"]] + sorted(set(r["results"]) - set(labels))
-    return [("prep", labels.get(name, name), _num(r["results"][name]["images_per_s"], "img/s"), f"{r['results'][name]['x_naive']:.2f}x",
-             "plain script") for name in names]
+    rows = [("prep", labels.get(name, name), _num(r["results"][name]["images_per_s"], "img/s"),
+             f"{r['results'][name]['x_naive']:.2f}x", "plain script") for name in names]
+    b = r["build"]
+    rows.append(("prep", "build_shards --workers 1 vs minimal script + tar (bicubic)",
+                 _num(b["build"]["images_per_cpu_s"], "img/CPU-s"), f"{b['ratio']:.2f}x", "minimal script"))
+    return rows
 
 
 def loader_rows(r: dict) -> list[tuple]:
