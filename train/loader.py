@@ -44,6 +44,7 @@ from train.stream import Sample, ShardError, ShardStream
 
 DECODES = ("cpu", "gpu", "both")  # where JPEGs are decoded: see the module docstring
 DEPTH = 4  # slots per worker: batches a worker may have decoded ahead, plus the one being filled
+STOP_GRACE = 1.0  # seconds workers get to end by themselves (EOF on their pipe) before SIGTERM
 SLOT_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 
 
@@ -173,8 +174,12 @@ class WorkerLoader:
         finally:
             for main_end, _ in pipes:
                 main_end.close()  # a worker waiting for a slot sees EOF and ends
+            deadline = time.monotonic() + STOP_GRACE
             for process in processes:
-                process.terminate()
+                process.join(max(0.0, deadline - time.monotonic()))
+            for process in processes:
+                if process.is_alive():  # stuck in a read (a stalled server, a hanging pipe: command)
+                    process.terminate()
             for process in processes:
                 process.join()
             if pinned:
@@ -267,6 +272,9 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
 
 
 def _stop(signum, frame) -> None:
+    # Once: a second SIGTERM while the first unwinds (closing a shard or a generator) would print an
+    # "Exception ignored" traceback instead of ending quietly.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(0)
 
 
