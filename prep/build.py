@@ -355,8 +355,12 @@ def _differences(old: dict, new: dict) -> str:
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
+def _sidecar_name(split: str, k: int) -> str:
+    return f"{BUILD_DIR}/{split}-{k:06d}.json"
+
+
 def _sidecar_path(out: Path, split: str, k: int) -> Path:
-    return out / BUILD_DIR / f"{split}-{k:06d}.json"
+    return out / _sidecar_name(split, k)
 
 
 def _finished(out: Path, split: str, k: int) -> dict | None:
@@ -523,7 +527,7 @@ class _SplitBuild:
         expected = self.plan.shard(k)
         records = sorted(_read_part_records(path.read_bytes()) if path.exists() else [],
                          key=lambda r: self.place[r[0]])
-        if [r[0] for r in records] != sorted(expected.tolist(), key=lambda r: self.place[r]):
+        if [r[0] for r in records] != expected.tolist():  # the plan's rows are in written order
             raise BuildError(f"{path}: holds other samples than shard {k} needs; this folder cannot be resumed: "
                              f"use another --out")
         skipped, class_counts = [], {}
@@ -549,7 +553,7 @@ class _SplitBuild:
                   "class_counts": {str(label): n for label, n in sorted(class_counts.items())},
                   "sha256": sha.hexdigest(), "size": size, "skipped": skipped,
                   "sums": sums.to_json() if sums is not None else None}
-        _write_json(self.out, f"{BUILD_DIR}/{self.plan.split}-{k:06d}.json", record)
+        _write_json(self.out, _sidecar_name(self.plan.split, k), record)
         path.unlink(missing_ok=True)
         self.records[k] = record
 
