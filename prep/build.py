@@ -13,8 +13,9 @@ as deterministic ustar headers + payload + padding) is appended to its shard's p
 how many parts are done and every partial file's length: a rerun after any kill truncates the partial
 files to those lengths and continues with the next part. A shard whose last row has arrived is put in
 order, written under a temporary name, renamed into place, and then its sidecar
-`.build/{split}-NNNNNN.json` (sha256, size, counts, skips, exact pixel sums) marks it done.
-`stats.json` and `_info.json` come last, from the sidecars alone.
+`.build/{split}-NNNNNN.json` (sha256, size, counts, skips, exact pixel sums of the shard's images in
+the statistics sample, prep/stats.py) marks it done. `stats.json` and `_info.json` come last, from the
+sidecars alone.
 
 Hub files are downloaded into `.build/download/`, at most `prefetch` files at a time (the next ones
 download while the current one is processed), and deleted once read. Trial builds (`--limit`) read
@@ -52,7 +53,7 @@ from prep.contract import INFO_NAME, SCHEMA_VERSION, SPLITS, STATS_NAME, IMAGE_S
 from prep.fetch import FetchError
 from prep.image import SkipImage, pillow_flavour, process
 from prep.source import HUB_ID, Row, Source, open_source, parquet_rows
-from prep.stats import PixelSums
+from prep.stats import PixelSums, sample_every
 
 DEFAULT_SHARD_SIZE = 1000  # about 30 MB of 256 px q90 JPEGs; 1,282 train shards for ImageNet-1k
 DEFAULT_PREFETCH = 3  # parquet files on disk at once for a Hub build (the one being read + downloads)
@@ -84,6 +85,7 @@ class BuildConfig:
     seed: int = 0
     quality: int = 90  # JPEG quality of the 256 px images
     per_class: Mapping[str, int] | None = None  # synthetic source only: images per class, per split
+    stats_every: int | None = None  # statistics from every k-th train image; None: stats.sample_every
 
     def __post_init__(self):
         # Normalised (splits and per_class in SPLITS order) so that equal builds compare and serialise equal.
@@ -98,9 +100,10 @@ class BuildConfig:
                 raise BuildError(f"per_class must map splits among {', '.join(splits)} to counts >= 1, "
                                  f"got {dict(self.per_class)}")
             object.__setattr__(self, "per_class", {s: self.per_class[s] for s in splits if s in self.per_class})
-        for name, low, high in (("limit", 1, None), ("shard_size", 1, None), ("seed", 0, None), ("quality", 1, 100)):
+        for name, low, high in (("limit", 1, None), ("shard_size", 1, None), ("seed", 0, None), ("quality", 1, 100),
+                                ("stats_every", 1, None)):
             value = getattr(self, name)
-            if name == "limit" and value is None:
+            if name in ("limit", "stats_every") and value is None:
                 continue
             if not isinstance(value, int) or value < low or (high is not None and value > high):
                 allowed = f"in {low}..{high}" if high is not None else f">= {low}"
@@ -166,6 +169,7 @@ class _Task:
     label: int
     data: bytes | None
     skip: str | None
+    sums: bool  # in the statistics sample: the worker also sums the written JPEG's decoded pixels
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ class _Sample:
     key: str
     label: int
     members: bytes = b""  # the sample's tar members (headers, payloads, padding), contract.FIELDS order
-    sums: PixelSums | None = None  # train split only
+    sums: PixelSums | None = None  # train images in the statistics sample only
     skipped: str | None = None
 
 
@@ -236,7 +240,7 @@ def _process_one(job: _Job, split: str, task: _Task) -> _Sample:
         return _Sample(task.row, task.key, task.label, skipped=task.skip)
     try:
         data = task.data if task.data is not None else job.source.read(split, task.row)
-        p = process(data, size=IMAGE_SIZE, quality=job.quality, sums=split == "train")
+        p = process(data, size=IMAGE_SIZE, quality=job.quality, sums=task.sums)
     except SkipImage as e:
         return _Sample(task.row, task.key, task.label, skipped=str(e))
     except OSError as e:  # a file the source lists but cannot read
@@ -419,8 +423,9 @@ class _Downloads:
 class _SplitBuild:
     """The state of one split's build: plan, partial files, commit log, finished shards."""
 
-    def __init__(self, out: Path, source: Source, plan: SplitPlan, records: list):
+    def __init__(self, out: Path, source: Source, plan: SplitPlan, records: list, stats_every: int):
         self.out, self.source, self.plan, self.records = out, source, plan, records
+        self.stats_every = stats_every if plan.split == "train" else 0  # 0: no statistics
         self.split = source.split(plan.split)
         self.parts_dir = out / BUILD_DIR / PARTS_DIR
         self.log_name = f"{plan.split}.log.json"
@@ -446,6 +451,10 @@ class _SplitBuild:
     def finished_row(self, row: int) -> bool:
         """Whether the shard of (kept) `row` is already complete, so the row needs no processing."""
         return self.records[int(self.place[row]) // self.plan.shard_size] is not None
+
+    def sampled_row(self, row: int) -> bool:
+        """Whether (kept) `row` is in the statistics sample: every k-th place in written order."""
+        return self.stats_every > 0 and int(self.place[row]) % self.stats_every == 0
 
     def part_path(self, k: int) -> Path:
         return self.parts_dir / f"{self.plan.split}-{k:06d}.part"
@@ -540,7 +549,7 @@ class _SplitBuild:
                     skipped.append({"key": meta["key"], "reason": meta["skip"]})
                     continue
                 class_counts[label] = class_counts.get(label, 0) + 1
-                if sums is not None:
+                if "sums" in meta:
                     sums.add(PixelSums.from_json(meta["sums"]))
                 f.write(members)
                 sha.update(members)
@@ -573,7 +582,7 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
         if split.items is not None:
             for r in range(int(build.part_start[i]), int(build.part_start[i]) + part.num_rows):
                 if build.place[r] >= 0 and not build.finished_row(r):
-                    tasks.append(_Task(r, split.items[r].key, split.items[r].label, None, None))
+                    tasks.append(_Task(r, split.items[r].key, split.items[r].label, None, None, build.sampled_row(r)))
                     if len(tasks) == _CHUNK:
                         yield "chunk", tasks
                         tasks = []
@@ -602,7 +611,7 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
                     keys.append(row.key)
                     if build.finished_row(r):
                         continue
-                    tasks.append(_Task(r, row.key, row.label, row.data, row.skip))
+                    tasks.append(_Task(r, row.key, row.label, row.data, row.skip, build.sampled_row(r)))
                     if len(tasks) == _CHUNK:
                         yield "chunk", tasks
                         tasks = []
@@ -667,13 +676,13 @@ def _ordered(pool, split: str, items: Iterator[tuple[str, object]], window: int)
 
 
 def _build_splits(out: Path, source: Source, plans: dict[str, SplitPlan], records: dict[str, list], pool,
-                  workers: int, progress: bool, prefetch: int, keep_download: Path | None) -> None:
+                  workers: int, progress: bool, prefetch: int, keep_download: Path | None, stats_every: int) -> None:
     """Stream every split's remaining parts into its shards, filling in `records` (sidecars) as shards finish.
 
     Whole files of a Hub source are downloaded ahead across the splits, so the next split's first
     files are ready when the last shards of the previous one are being finished.
     """
-    builds = [_SplitBuild(out, source, plans[split], records[split]) for split in plans]
+    builds = [_SplitBuild(out, source, plans[split], records[split], stats_every) for split in plans]
     resumed = [build.resume() for build in builds]
     store = source.store
     whole = [store is not None and store.remote and build.plan.read.all() for build in builds]
@@ -756,13 +765,15 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
     flavour = pillow_flavour()
     plans = {split: plan_split([u for p in source.split(split).parts for u in p.units], split, config.seed,
                                config.shard_size, config.limit) for split in config.splits}
+    stats_every = config.stats_every or (sample_every(len(plans["train"].rows)) if "train" in plans else 1)
 
     out = Path(out)
     lock = _claim_folder(out, {"options": config.to_json(), "pillow": flavour, "inputs": source.digest()})
     try:
         log(f"source {source.identity}: " + ", ".join(
             f"{s} {source.split(s).num_rows} inputs, {len(plans[s].rows)} kept, {plans[s].num_shards} shards"
-            for s in config.splits) + f"; {flavour}; {workers} workers")
+            for s in config.splits) + f"; {flavour}; {workers} workers"
+            + (f"; pixel statistics from a seeded sample, 1 in {stats_every} train images" if stats_every > 1 else ""))
         records = {s: [_finished(out, s, k) for k in range(plans[s].num_shards)] for s in config.splits}
         staging = out / BUILD_DIR / DOWNLOAD_DIR
         if staging.is_dir():
@@ -776,7 +787,7 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
                 _init_worker(job, pool_worker=False)
             try:
                 _build_splits(out, source, plans, records, pool, workers, progress, prefetch,
-                              Path(keep_download) if keep_download is not None else None)
+                              Path(keep_download) if keep_download is not None else None, stats_every)
             finally:
                 if pool is not None:
                     pool.terminate()
@@ -793,7 +804,7 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
             for record in records["train"]:
                 sums.add(PixelSums.from_json(record["sums"]))
             if sums.num_pixels:
-                _write_json(out, STATS_NAME, sums.stats())
+                _write_json(out, STATS_NAME, sums.stats(stats_every))
         info = {"name": source.name, "schema_version": SCHEMA_VERSION, "splits": summaries,
                 "classes": [c.to_json() for c in source.classes], "options": config.to_json(), "pillow": flavour}
         _write_json(out, INFO_NAME, info)  # last: its presence means the folder is complete
@@ -806,11 +817,11 @@ def build_shards(out: str | os.PathLike, source: str = "synthetic", splits: tupl
                  limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
                  seed: int = 0, quality: int = 90, progress: bool = False,
                  per_class: int | Mapping[str, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
-                 keep_download: str | os.PathLike | None = None) -> dict:
+                 keep_download: str | os.PathLike | None = None, stats_every: int | None = None) -> dict:
     """`build` with keyword options (the tests' entry point); returns the `_info.json` content."""
     if isinstance(per_class, int):
         per_class = {split: per_class for split in splits}
     config = BuildConfig(source=source, splits=tuple(splits), limit=limit, shard_size=shard_size, seed=seed,
-                         quality=quality, per_class=per_class)
+                         quality=quality, per_class=per_class, stats_every=stats_every)
     return build(out, config, workers=workers, progress=progress, prefetch=prefetch, keep_download=keep_download)
 

@@ -90,6 +90,10 @@ _progress_option = click.option("--progress/--no-progress", default=True, help="
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
 @click.option("--per-class", multiple=True,
               help=f"{SYNTHETIC} source only: images per class, N or SPLIT=N (repeatable).")
+@click.option("--stats-every", type=click.IntRange(min=1),
+              help="Pixel statistics from every K-th train image in written order (a seeded random sample); "
+                   "default: every image up to 200,000, else at least 100,000 images, K at most 8 "
+                   "(ImageNet: 8). 1: exact over every image.")
 @click.option("--prefetch", type=click.IntRange(min=1), default=DEFAULT_PREFETCH, show_default=True,
               help="Hub builds: parquet files on disk at once (the one being read and the next ones downloading).")
 @click.option("--keep-download", type=click.Path(file_okay=False, path_type=Path),
@@ -98,13 +102,14 @@ _progress_option = click.option("--progress/--no-progress", default=True, help="
 @_workers_option
 @_progress_option
 def build_shards_cmd(out: Path, source: str, splits: tuple[str, ...], limit: int | None, shard_size: int, seed: int,
-                     quality: int, per_class: tuple[str, ...], prefetch: int, keep_download: Path | None, workers: int,
-                     progress: bool) -> None:
+                     quality: int, per_class: tuple[str, ...], stats_every: int | None, prefetch: int,
+                     keep_download: Path | None, workers: int, progress: bool) -> None:
     """Build the shard folder OUT (train/validation tar shards, _info.json, stats.json)."""
     split_names = _parse_splits(splits)
     try:
         config = BuildConfig(source=source, splits=split_names, limit=limit, shard_size=shard_size, seed=seed,
-                             quality=quality, per_class=_parse_per_class(per_class, split_names))
+                             quality=quality, per_class=_parse_per_class(per_class, split_names),
+                             stats_every=stats_every)
     except BuildError as e:
         raise click.UsageError(str(e)) from e
     _run(out, config, workers, progress, prefetch, keep_download)

@@ -173,8 +173,10 @@ def format_report(report: dict) -> str:
     if stats is None:
         lines.append(f"no {STATS_NAME} (it comes from the train split)")
         return "\n".join(lines)
+    every = stats.get("sample_every", 1)
+    sample = "" if every == 1 else f" (a seeded sample, 1 in {every})"
     lines.append(
-        f"pixel statistics of {stats.get('split', 'train')}: {stats.get('num_images', 0):,} images, "
+        f"pixel statistics of {stats.get('split', 'train')}: {stats.get('num_images', 0):,} images{sample}, "
         f"{stats.get('num_pixels', 0):,} pixels, {stats.get('pixels', '')}, scale {stats.get('scale', '0..1')}"
     )
     lines.append(f"{'':<10}{'R':>10}{'G':>10}{'B':>10}")

@@ -6,6 +6,15 @@ image), but JPEG's 4:2:0 chroma and quantisation move the result beyond the 1e-3
 2% (eigenvalues) that a check against the decoded shards allows: std by up to 2.2e-3 and eigenvalues
 by 2.6% on the synthetic train set (benchmarks/prep_throughput.py, docs/benchmarks.md).
 
+Decoding every written image again costs about a third of a build's CPU time, so a large train split
+is sampled: the images at places 0, k, 2k, ... of the written order, which is a seeded permutation,
+so the sample is a seeded uniform random one (the same for any number of workers or resumes). k is
+`sample_every(n)`: 1 (every image, exact) up to 2 x MIN_SAMPLE train images, otherwise as large as
+keeps at least MIN_SAMPLE images, at most MAX_EVERY (ImageNet's 1,281,167: k = 8, 160,146 images).
+The sample's statistics are exact; against every image's they differ by sampling error alone, a
+standard error of about s * sqrt((1 - 1/k) / n) for the mean, s the spread of the images' own means
+(docs/benchmarks.md gives the numbers; tests/test_stats.py checks the sample and the bound).
+
 Every image contributes integer sums of its 256x256 uint8 pixels (per-channel sums and the 3x3 sums
 of channel products). Integer sums are exact and their total does not depend on the order they are
 added in, so the statistics are the same whatever the number of workers or the shard a build resumed
@@ -27,7 +36,14 @@ from PIL import Image
 from prep.contract import SCHEMA_VERSION
 
 PIXEL_MAX = 255  # uint8 pixels; stats.json is on a 0..1 scale
+MIN_SAMPLE = 100_000  # train images a sampled split's statistics come from, at least
+MAX_EVERY = 8  # the sparsest sample: 1 train image in 8
 _CHUNK = 256  # pixels per float32 partial sum in PixelSums._of_planes
+
+
+def sample_every(num_train: int) -> int:
+    """The automatic sampling step k for a train split of `num_train` images (module docstring)."""
+    return max(1, min(MAX_EVERY, num_train // MIN_SAMPLE))
 
 
 @dataclass
@@ -87,8 +103,9 @@ class PixelSums:
         return cls(int(d["num_images"]), int(d["num_pixels"]), [int(v) for v in d["sum"]],
                    [[int(v) for v in row] for row in d["prod"]])
 
-    def stats(self) -> dict:
-        """The `stats.json` content: mean, std, cov, eigval (descending), eigvec (unit columns), counts."""
+    def stats(self, every: int = 1) -> dict:
+        """The `stats.json` content: mean, std, cov, eigval (descending), eigvec (unit columns), counts;
+        `every`: the sampling step the sums come from (recorded as `sample_every`)."""
         n = self.num_pixels
         if n == 0:
             raise ValueError("no training pixels to compute statistics from")
@@ -107,7 +124,8 @@ class PixelSums:
             "split": "train",
             "pixels": "after JPEG encoding (the shards' images decoded)",
             "scale": "0..1",
-            "num_images": self.num_images,
+            "sample_every": every,  # every k-th train image in written order (a seeded random sample)
+            "num_images": self.num_images,  # of the sample
             "num_pixels": n,
             "mean": mean.tolist(),
             "std": np.sqrt(np.diag(cov)).tolist(),

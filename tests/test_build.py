@@ -80,6 +80,7 @@ def test_config_rejects_bad_options():
                             ({"quality": 0}, "quality must be an integer in 1..100"),
                             ({"shard_size": 0}, "shard_size must be an integer >= 1"),
                             ({"limit": 0}, "limit must be"), ({"seed": -1}, "seed must be"),
+                            ({"stats_every": 0}, "stats_every must be an integer >= 1"),
                             ({"per_class": {"test": 3}}, "per_class must map")]:
         with pytest.raises(BuildError, match=message):
             BuildConfig(**kwargs)
@@ -123,7 +124,8 @@ def test_info_records_shards_classes_options_and_reconciles(demo_shards):
     assert info["name"] == "synthetic" and info["pillow"] == pillow_flavour()
     assert info["classes"] == [c.to_json() for c in synthetic.CLASSES]
     assert info["options"] == {"source": "synthetic", "splits": list(SPLITS), "limit": None,
-                               "shard_size": DEMO_SHARD_SIZE, "seed": 0, "quality": 90, "per_class": DEMO_PER_CLASS}
+                               "shard_size": DEMO_SHARD_SIZE, "seed": 0, "quality": 90, "per_class": DEMO_PER_CLASS,
+                               "stats_every": None}
     for split, per_class in DEMO_PER_CLASS.items():
         entry = info["splits"][split]
         n = per_class * len(synthetic.CLASSES)

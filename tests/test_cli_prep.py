@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from quirk_images import write_quirk_files
 
 from prep.cli import main
-from prep.contract import INFO_NAME, STATS_NAME, read_info
+from prep.contract import INFO_NAME, STATS_NAME, read_info, read_stats
 from prep.image import pillow_flavour
 from prep.folder_report import format_report, shard_report
 
@@ -93,6 +93,17 @@ def test_build_shards_writes_the_folder_and_reconciles(tmp_path):
     assert not (tmp_path / "b" / STATS_NAME).exists()  # statistics come from the train split only
 
 
+def test_stats_every_samples_the_statistics_and_stats_says_so(tmp_path):
+    code, output = run("build-shards", "--out", str(tmp_path / "a"), *SMALL, "--stats-every", "4")
+    assert code == 0, output
+    assert "; pixel statistics from a seeded sample, 1 in 4 train images" in output
+    stats = read_stats(tmp_path / "a")
+    assert (stats["sample_every"], stats["num_images"]) == (4, 10)  # 40 train images: places 0, 4, ..., 36
+    code, output = run("stats", str(tmp_path / "a"))
+    assert code == 0, output
+    assert "pixel statistics of train: 10 images (a seeded sample, 1 in 4), 655,360 pixels," in output
+
+
 def test_build_shards_reports_skipped_inputs(tmp_path):
     files = write_quirk_files(tmp_path / "src" / "train" / "n01440764")
     skipped = sum(reason is not None for reason in files.values())
@@ -107,6 +118,7 @@ def test_build_shards_reports_skipped_inputs(tmp_path):
     (["--per-class", "many"], "'many': expected N or SPLIT=N"),
     (["--per-class", "test=3"], "per_class must map splits among train, validation"),
     (["--quality", "101"], "101 is not in the range 1<=x<=100"),
+    (["--stats-every", "0"], "0 is not in the range x>=1"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, args, message):
     code, output = run("build-shards", "--out", str(tmp_path / "out"), "--source", "synthetic", *args)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_PER_CLASS
+from conftest import DEMO_PER_CLASS, DEMO_SHARD_SIZE
 from PIL import Image
 
-from prep.build import BUILD_DIR
+from prep.build import BUILD_DIR, build_shards
 from prep.contract import read_stats
 from prep.image import process
-from prep.stats import PixelSums
+from prep.stats import PixelSums, sample_every
 from prep.synthetic import photo
 
 
@@ -149,3 +149,42 @@ def test_stats_agree_with_numpy_over_the_decoded_shards(demo_shards):
     eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
     np.testing.assert_allclose(stats["eigval"], eigval, rtol=1e-6)
     np.testing.assert_allclose(np.abs(np.sum(np.array(stats["eigvec"]) * eigvec, axis=0)), 1, atol=1e-6)
+
+
+def test_the_sampling_step_keeps_splits_up_to_200k_exact_and_imagenet_at_one_in_eight():
+    steps = [sample_every(n) for n in (0, 1, 199_999, 200_000, 350_000, 799_999, 800_000, 1_281_167, 10**9)]
+    assert steps == [1, 1, 1, 2, 3, 7, 8, 8, 8]
+    assert min(n // sample_every(n) for n in range(200_000, 2_000_000, 997)) >= 100_000
+
+
+@pytest.fixture(scope="module")
+def sampled_shards(tmp_path_factory) -> Path:
+    """The demo's train split built again with statistics from every 3rd image."""
+    out = tmp_path_factory.mktemp("sampled_shards")
+    build_shards(out, source="synthetic", splits=("train",), per_class=DEMO_PER_CLASS["train"],
+                 shard_size=DEMO_SHARD_SIZE, workers=2, stats_every=3)
+    return out
+
+
+def test_sampled_statistics_are_exact_over_every_kth_written_image(demo_shards, sampled_shards):
+    names = sorted(p.name for p in demo_shards.glob("train-*.tar"))
+    # The sample changes only the statistics: the shards are the demo build's, byte for byte.
+    assert names == sorted(p.name for p in sampled_shards.glob("train-*.tar"))
+    for name in names:
+        assert (sampled_shards / name).read_bytes() == (demo_shards / name).read_bytes(), name
+    images = decoded_train_images(demo_shards, names)  # in written order (the demo build skips nothing)
+    assert len(images) == 300
+    stats = read_stats(sampled_shards)
+    assert stats == sums_of(images[::3]).stats(every=3)
+    assert (stats["sample_every"], stats["num_images"], stats["num_pixels"]) == (3, 100, 100 * 256 * 256)
+    assert read_stats(demo_shards)["sample_every"] == 1  # a split under 200,000 images: every image
+
+    # Against every image: the sample's mean pixel and mean channel products lie within 4 standard errors
+    # of simple random sampling without replacement, from the spread of the images' own values.
+    moments = np.stack([np.concatenate([x.mean(axis=0), (x[:, :, None] * x[:, None, :]).mean(axis=0).ravel()])
+                        for x in (image.reshape(-1, 3).astype(np.float64) / 255 for image in images)])
+    n, total = 100, len(moments)
+    error = np.abs(moments[::3].mean(axis=0) - moments.mean(axis=0))
+    standard_error = moments.std(axis=0, ddof=1) * np.sqrt((1 - n / total) / n)
+    assert np.all(error <= 4 * standard_error), (error / standard_error).round(2)
+    np.testing.assert_allclose(stats["mean"], moments[::3, :3].mean(axis=0), rtol=0, atol=1e-12)
