@@ -354,9 +354,12 @@ def _differences(old: dict, new: dict) -> str:
         return {**record.get("options", {}), "pillow": record.get("pillow"),
                 **{f"{split} inputs": digest for split, digest in record.get("inputs", {}).items()}}
 
+    def shown(record: dict, k: str) -> str:
+        return repr(record[k]) if k in record else "not recorded"  # e.g. an option newer than the folder
+
     a, b = flat(old), flat(new)
-    return "; ".join(f"{k}: changed" if k.endswith(" inputs") else f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    return "; ".join(f"{k}: changed" if k.endswith(" inputs") else f"{k}: {shown(a, k)} -> {shown(b, k)}"
+                     for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k])
 
 
 def _sidecar_name(split: str, k: int) -> str:

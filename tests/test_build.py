@@ -208,6 +208,13 @@ def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
     with pytest.raises(BuildError, match=r"per_class: \{'train': 6, 'validation': 3\} -> \{'train': 6\}"):
         build_shards(out, workers=2, splits=("train",), shard_size=8, per_class={"train": 6})
     assert folder_bytes(out) == before
+    # A folder an earlier version started, before an option existed (its statistics were every image's).
+    options = out / BUILD_DIR / "options.json"
+    record = json.loads(options.read_text())
+    del record["options"]["stats_every"]
+    options.write_text(json.dumps(record))
+    with pytest.raises(BuildError, match=r"built differently \(stats_every: not recorded -> None\); use another"):
+        build_shards(out, workers=2, **SMALL)
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
