@@ -16,6 +16,7 @@ from prep.contract import SPLITS
 from prep.fetch import FetchError
 from prep.folder_report import format_report, shard_report, stats_cmd, verify_cmd
 from prep.source import HUB_ID, SYNTHETIC, SourceError
+from prep.stats import MAX_EVERY, MIN_SAMPLE, sample_every
 
 DEMO_OUT = "shards/demo"
 DEMO_SHARD_SIZE = 250  # the demo's 1,000 train images -> 4 shards, 200 validation images -> 1
@@ -92,8 +93,8 @@ _progress_option = click.option("--progress/--no-progress", default=True, help="
               help=f"{SYNTHETIC} source only: images per class, N or SPLIT=N (repeatable).")
 @click.option("--stats-every", type=click.IntRange(min=1),
               help="Pixel statistics from every K-th train image in written order (a seeded random sample); "
-                   "default: every image up to 200,000, else at least 100,000 images, K at most 8 "
-                   "(ImageNet: 8). 1: exact over every image.")
+                   f"default: every image up to {2 * MIN_SAMPLE:,}, else at least {MIN_SAMPLE:,} images, K at most "
+                   f"{MAX_EVERY} (ImageNet: {sample_every(1_281_167)}). 1: exact over every image.")
 @click.option("--prefetch", type=click.IntRange(min=1), default=DEFAULT_PREFETCH, show_default=True,
               help="Hub builds: parquet files on disk at once (the one being read and the next ones downloading).")
 @click.option("--keep-download", type=click.Path(file_okay=False, path_type=Path),
