@@ -18,10 +18,11 @@ the statistics sample, prep/stats.py) marks it done. `stats.json` and `_info.jso
 sidecars alone.
 
 Hub files are downloaded into `.build/download/`, at most `prefetch` files at a time (the next ones
-download while the current one is processed), and deleted once read. Trial builds (`--limit`) read
-their row groups by ranged reads instead. The folder is ours only if `.build/options.json` says so: a
-non-empty folder without it is refused, and the build deletes only what it made inside `.build/`.
-An exclusive lock on `.build/lock` keeps a second build out of the same folder.
+download while the current one is processed), checked against the listing (prep/fetch.py), and
+deleted once read. Trial builds (`--limit`) read their row groups by ranged reads instead. The folder
+is ours only if `.build/options.json` says so: a non-empty folder without it is refused, and the build
+deletes only what it made inside `.build/`. An exclusive lock on `.build/lock` keeps a second build out
+of the same folder.
 """
 
 from __future__ import annotations
@@ -598,7 +599,7 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
                 pf = store.parquet(part.name)
             unit_first_row = np.cumsum(part.units) - part.units
             for u in units:
-                table = _read_group(pf, u, store, part.name, remote=staged is None)
+                table = _read_group(pf, u, part.units[u], store.where(part.name))
                 if downloads is None:
                     meta = pf.metadata.row_group(u)
                     stats["bytes"] += sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
@@ -627,16 +628,20 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
         yield "end", (j, keys)
 
 
-def _read_group(pf, group: int, store, name: str, remote: bool):
-    """Row group `group` of parquet file `name` as a table; FetchError (one line naming it) if it fails."""
+def _read_group(pf, group: int, rows: int, where: str):
+    """Row group `group` (of `rows` rows, as the footer read at open says) of parquet file `where` as a
+    table; FetchError (one line naming the file) if it cannot be fetched or read, or holds other rows."""
     try:
-        return pf.read_row_group(group, columns=["image", "label"])
+        table = pf.read_row_group(group, columns=["image", "label"])
+    except FetchError:  # the network's doing (prep.fetch retried it already)
+        raise
     except Exception as e:
-        if remote and store.network_error(e):
-            raise FetchError(f"reading {store.where(name)} failed ({type(e).__name__}: {_line(e)}); run the same "
-                             f"command again to continue") from None
-        raise FetchError(f"{store.where(name)}: not a readable parquet file ({_line(e)}); the build stopped "
+        raise FetchError(f"{where}: not a readable parquet file ({_line(e)}); the build stopped "
                          f"(finished shards are complete)") from None
+    if table.num_rows != rows:
+        raise FetchError(f"{where}: row group {group} holds {table.num_rows} rows where the footer read when the "
+                         f"build started says {rows}; the build stopped (finished shards are complete)")
+    return table
 
 
 def _parquet_file(path: Path, where: str):

@@ -266,6 +266,8 @@ def _label_names(schema, where: str) -> list[str]:
 
 def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], where: str) -> Source:
     """`data/{split}-*.parquet` files of `store` (prep.fetch), described from their footers alone."""
+    from prep.fetch import row_groups
+
     names = None
     readers = {}
     for split in splits:
@@ -280,7 +282,7 @@ def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], wher
             if names is not None and file_names != names:
                 raise SourceError(f"{where}: {path} has other class names than {files[0][0]}")
             names = file_names
-            parts.append(Part(path, tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)), size))
+            parts.append(Part(path, row_groups(meta), size))
         readers[split] = Split(split, parts)
     canonical = imagenet_classes()
     if _is_imagenet(names, canonical):
