@@ -53,7 +53,7 @@ from tqdm import tqdm
 from prep.contract import INFO_NAME, SCHEMA_VERSION, SPLITS, STATS_NAME, IMAGE_SIZE, shard_name
 from prep.fetch import FetchError
 from prep.image import SkipImage, pillow_flavour, process
-from prep.source import HUB_ID, Row, Source, open_source, parquet_rows
+from prep.source import HUB_ID, Source, distinct_key, open_source, parquet_rows
 from prep.stats import PixelSums, sample_every
 
 DEFAULT_SHARD_SIZE = 1000  # about 30 MB of 256 px q90 JPEGs; 1,282 train shards for ImageNet-1k
@@ -608,14 +608,11 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
                     r = first + n
                     if build.place[r] < 0:
                         continue
-                    if row.key in seen:
-                        row = Row(row.key, row.label, None, "duplicate key: an earlier input of this split has the "
-                                                            "same image path stem")
-                    seen.add(row.key)
-                    keys.append(row.key)
+                    key = distinct_key(row, r, seen)
+                    keys.append(key)
                     if build.finished_row(r):
                         continue
-                    tasks.append(_Task(r, row.key, row.label, row.data, row.skip, build.sampled_row(r)))
+                    tasks.append(_Task(r, key, row.label, row.data, row.skip, build.sampled_row(r)))
                     if len(tasks) == _CHUNK:
                         yield "chunk", tasks
                         tasks = []
