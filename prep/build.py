@@ -343,6 +343,12 @@ def _claim_folder(out: Path, record: dict) -> int:
     return fd
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, links and `..` followed (neither need exist yet)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def _clear(folder: Path) -> None:
     """Delete everything inside `folder` (one of the build's own folders in .build)."""
     for p in folder.iterdir():
@@ -756,23 +762,31 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
     """Build (or finish building) the shard folder `out` as `config` says; return the `_info.json` content.
 
     The source is opened (files listed, footers read) before anything is written, so a source that
-    cannot be read leaves no trace. `workers` processes (default: all CPUs) decode and encode;
-    `prefetch` parquet files of a Hub build may be on disk at once; `keep_download` moves each
-    downloaded file into that folder instead of deleting it; `progress` shows a tqdm bar per split;
-    `log` receives a few human-readable lines.
+    cannot be read, or an `out` inside the folders a local source lists its inputs from, leaves no
+    trace. `workers` processes (default: all CPUs) decode and encode; `prefetch` parquet files of a
+    Hub build may be on disk at once; `keep_download` (outside `out`) receives each downloaded file
+    instead of its deletion; `progress` shows a tqdm bar per split; `log` receives a few
+    human-readable lines.
     """
     log = log or (lambda line: None)
     workers = workers or os.cpu_count() or 1
+    out = Path(out)
     if prefetch < 1:
         raise BuildError(f"prefetch must be >= 1, got {prefetch}")
+    if keep_download is not None and _inside(Path(keep_download), out):
+        raise BuildError(f"--keep-download {keep_download}: inside --out {out}, which holds only the shards, "
+                         f"{INFO_NAME}, {STATS_NAME} and the build's own {BUILD_DIR}/; choose a folder outside it")
     source = open_source(config.source, config.splits, config.per_class)
+    for folder in source.input_dirs:
+        if _inside(out, folder):  # its files would become inputs, and a rerun would find the inputs changed
+            raise BuildError(f"--out {out}: inside {folder}, where the source's inputs are listed; "
+                             f"choose a folder outside it")
     config = replace(config, source=source.identity)  # e.g. a local path, resolved
     flavour = pillow_flavour()
     plans = {split: plan_split([u for p in source.split(split).parts for u in p.units], split, config.seed,
                                config.shard_size, config.limit) for split in config.splits}
     stats_every = config.stats_every or (sample_every(len(plans["train"].rows)) if "train" in plans else 1)
 
-    out = Path(out)
     lock = _claim_folder(out, {"options": config.to_json(), "pillow": flavour, "inputs": source.digest()})
     try:
         log(f"source {source.identity}: " + ", ".join(

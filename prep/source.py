@@ -94,6 +94,7 @@ class Source:
     classes: list[ClassInfo]
     splits: dict[str, Split]
     store: object | None = None  # prep.fetch store of a parquet source (local folder or Hub repo)
+    input_dirs: tuple[Path, ...] = ()  # local folders whose listings decide the inputs (a build must not write there)
 
     def split(self, name: str) -> Split:
         return self.splits[name]
@@ -139,7 +140,8 @@ def open_source(spec: str, splits: tuple[str, ...] = SPLITS, per_class: Mapping[
             from prep.fetch import LocalStore
 
             root = path.resolve()
-            return _open_parquet(LocalStore(root), f"parquet:{root}", root.name, splits, f"--source {root}")
+            return _open_parquet(LocalStore(root), f"parquet:{root}", root.name, splits, f"--source {root}",
+                                 (root / "data",))
         return _open_tree(path.resolve(), splits)
     if path.exists():
         raise SourceError(f"--source {spec}: not a folder")
@@ -260,7 +262,7 @@ def _open_tree(root: Path, splits: tuple[str, ...]) -> Source:
         ordered = [paths[i] for i in order]
         readers[split] = _listed_split(split, items, lambda i, ordered=ordered: ordered[i].read_bytes())
     _require(readers, splits, f"--source {root}")
-    return Source(f"folder:{root}", root.name, classes, readers)
+    return Source(f"folder:{root}", root.name, classes, readers, input_dirs=tuple(split_dirs.values()))
 
 
 def _is_imagenet(names: list[str], canonical: list[ClassInfo]) -> bool:
@@ -287,7 +289,8 @@ def _label_names(schema, where: str) -> list[str]:
     return list(features["label"].names)
 
 
-def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], where: str) -> Source:
+def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], where: str,
+                  input_dirs: tuple[Path, ...] = ()) -> Source:
     """`data/{split}-*.parquet` files of `store` (prep.fetch), described from their footers alone."""
     from prep.fetch import row_groups
 
@@ -315,7 +318,7 @@ def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], wher
     else:
         classes = [ClassInfo(i, n, n) for i, n in enumerate(names)]
     _require(readers, splits, where)
-    return Source(identity, name, classes, readers, store)
+    return Source(identity, name, classes, readers, store, input_dirs)
 
 
 def parquet_rows(table, split: str, first_row: int, num_classes: int) -> Iterator[Row]:
