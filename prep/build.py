@@ -55,8 +55,10 @@ from prep.fetch import FetchError
 from prep.image import SkipImage, pillow_flavour, process
 from prep.source import HUB_ID, Source, distinct_key, open_source, parquet_rows
 from prep.stats import PixelSums, sample_every
+from prep.synthetic import MAX_PER_CLASS
 
 DEFAULT_SHARD_SIZE = 1000  # about 30 MB of 256 px q90 JPEGs; 1,282 train shards for ImageNet-1k
+MAX_SHARD_SIZE = 100_000  # a shard is put in order in memory when it completes: 2-3 GB at this size
 DEFAULT_PREFETCH = 3  # parquet files on disk at once for a Hub build (the one being read + downloads)
 BUILD_DIR = ".build"  # resume bookkeeping inside the output folder; everything in it is the build's own
 OPTIONS_NAME = "options.json"
@@ -97,12 +99,13 @@ class BuildConfig:
         object.__setattr__(self, "splits", splits)
         if self.per_class is not None:
             counts = self.per_class.values()
-            if set(self.per_class) - set(splits) or not all(isinstance(n, int) and n >= 1 for n in counts):
-                raise BuildError(f"per_class must map splits among {', '.join(splits)} to counts >= 1, "
-                                 f"got {dict(self.per_class)}")
+            if set(self.per_class) - set(splits) or not all(isinstance(n, int) and 1 <= n <= MAX_PER_CLASS
+                                                            for n in counts):
+                raise BuildError(f"per_class must map splits among {', '.join(splits)} to counts in "
+                                 f"1..{MAX_PER_CLASS}, got {dict(self.per_class)}")
             object.__setattr__(self, "per_class", {s: self.per_class[s] for s in splits if s in self.per_class})
-        for name, low, high in (("limit", 1, None), ("shard_size", 1, None), ("seed", 0, None), ("quality", 1, 100),
-                                ("stats_every", 1, None)):
+        for name, low, high in (("limit", 1, None), ("shard_size", 1, MAX_SHARD_SIZE), ("seed", 0, None),
+                                ("quality", 1, 100), ("stats_every", 1, None)):
             value = getattr(self, name)
             if name in ("limit", "stats_every") and value is None:
                 continue

@@ -78,10 +78,13 @@ def test_tar_headers_are_tarfiles_own_bytes(name):
 def test_config_rejects_bad_options():
     for kwargs, message in [({"splits": ("train", "test")}, "splits must be among"), ({"splits": ()}, "splits must be"),
                             ({"quality": 0}, "quality must be an integer in 1..100"),
-                            ({"shard_size": 0}, "shard_size must be an integer >= 1"),
+                            ({"shard_size": 0}, r"shard_size must be an integer in 1\.\.100000, got 0"),
+                            ({"shard_size": 10**20}, rf"shard_size must be an integer in 1\.\.100000, got {10**20}"),
                             ({"limit": 0}, "limit must be"), ({"seed": -1}, "seed must be"),
                             ({"stats_every": 0}, "stats_every must be an integer >= 1"),
-                            ({"per_class": {"test": 3}}, "per_class must map")]:
+                            ({"per_class": {"test": 3}}, "per_class must map"),
+                            ({"per_class": {"train": 10**20}},
+                             rf"to counts in 1\.\.1000000, got \{{'train': {10**20}\}}")]:
         with pytest.raises(BuildError, match=message):
             BuildConfig(**kwargs)
     config = BuildConfig(splits=("validation", "train", "train"), per_class={"validation": 2, "train": 3})
