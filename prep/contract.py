@@ -108,8 +108,32 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_split(path: Path, split: str, entry) -> None:
-    """One split's entry of `_info.json`: shard names that stay in the folder, lengths that add up."""
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _require(path: Path, where: str, obj: dict, key: str, ok, what: str) -> None:
+    """ContractError unless `obj[key]` exists and `ok(obj[key])`; the line names the file, the place and the field."""
+    if key not in obj:
+        raise ContractError(f"{path}: {where}: `{key}` missing ({what})")
+    if not ok(obj[key]):
+        raise ContractError(f"{path}: {where}: `{key}` is not {what}: {obj[key]!r:.80}")
+
+
+# What readers take from a shard record (verify: sha256, size, num_samples; the trainer: size) and
+# from a skipped input (stats: reason): each field with its type.
+_RECORD_FIELDS = (("num_samples", _is_count, "a sample count"), ("sha256", _is_sha256, "64 lowercase hex digits"),
+                  ("size", _is_count, "a byte count"))
+_SKIPPED_FIELDS = (("key", _is_text, "a string"), ("reason", _is_text, "a string"))
+
+
+def _check_split(path: Path, split: str, entry, num_classes: int) -> None:
+    """One split's entry of `_info.json`: shard names that stay in the folder, lengths that add up,
+    and every field a reader uses, with its type."""
     if not isinstance(entry, dict):
         raise ContractError(f"{path}: split {split!r} is not an object")
     names, lengths = entry.get("filenames"), entry.get("shard_lengths")
@@ -123,6 +147,18 @@ def _check_split(path: Path, split: str, entry) -> None:
             raise ContractError(f"{path}: split {split!r} names shard {name!r}; a shard is a plain .tar file name in this folder")
     if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples"):
         raise ContractError(f"{path}: split {split!r} has inconsistent filenames/shard_lengths/num_samples")
+    for record in records:
+        for key, ok, what in _RECORD_FIELDS:
+            _require(path, f"split {split!r}, shard record {record['filename']}", record, key, ok, what)
+    where = f"split {split!r}"
+    _require(path, where, entry, "num_inputs", _is_count, "a count of inputs")
+    _require(path, where, entry, "skipped", lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
+             "a list of objects {key, reason}")
+    for i, item in enumerate(entry["skipped"]):
+        for key, ok, what in _SKIPPED_FIELDS:
+            _require(path, f"{where}, skipped input {i}", item, key, ok, what)
+    _require(path, where, entry, "class_counts", lambda v: isinstance(v, list) and len(v) == num_classes and all(_is_count(n) for n in v),
+             f"a list of {num_classes} sample counts, one per class")
 
 
 def _check_classes(path: Path, classes) -> None:
@@ -135,19 +171,22 @@ def _check_classes(path: Path, classes) -> None:
 
 
 def read_info(folder: str | os.PathLike) -> dict:
-    """Load and check `_info.json`: schema version, splits (shard names that are plain file names in
-    the folder, lengths that add up) and the class table; raise ContractError with one clear line."""
+    """Load and check `_info.json`: schema version, the class table, splits (shard names that are plain
+    file names in the folder, lengths that add up) and every field a reader takes from them, with its
+    type (shard records, skipped inputs, class counts); raise ContractError with one clear line."""
     path = Path(folder) / INFO_NAME
     info = _read_json(path, INFO_NAME)
     version = info.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ContractError(f"{path}: schema_version {version!r}, this program reads {SCHEMA_VERSION}")
+    _check_classes(path, info.get("classes"))
     splits = info.get("splits")
     if not isinstance(splits, dict):
         raise ContractError(f"{path}: `splits` {'missing' if splits is None else 'is not an object'}")
     for split, entry in splits.items():
-        _check_split(path, split, entry)
-    _check_classes(path, info.get("classes"))
+        _check_split(path, split, entry, len(info["classes"]))
+    if not isinstance(info.get("options", {}), dict):
+        raise ContractError(f"{path}: `options` is not an object: {info['options']!r:.80}")
     return info
 
 

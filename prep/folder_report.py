@@ -86,17 +86,17 @@ def _median(counts: list[int]) -> int | float:
 
 def _split_report(entry: dict) -> dict:
     skipped: dict[str, int] = {}
-    for item in entry.get("skipped", []):
+    for item in entry["skipped"]:
         reason = item["reason"].split(":", 1)[0].strip()  # "truncated: 12 bytes missing" -> "truncated"
         skipped[reason] = skipped.get(reason, 0) + 1
     counts = entry["class_counts"]
     return {
         "samples": entry["num_samples"],
-        "inputs": entry.get("num_inputs", entry["num_samples"] + len(entry.get("skipped", []))),
+        "inputs": entry["num_inputs"],
         "shards": len(entry["filenames"]),
         "bytes": sum(s["size"] for s in entry.get("shards", [])),
         "skipped": dict(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "num_skipped": len(entry.get("skipped", [])),
+        "num_skipped": len(entry["skipped"]),
         "class_counts": counts,
         "class_balance": {
             "min": min(counts, default=0),
@@ -397,17 +397,17 @@ def verify_folder(folder: str | os.PathLike, workers: int = 1, progress: bool = 
     for split in _ordered_splits(info):
         entry = info["splits"][split]
         records = {s["filename"]: s for s in entry.get("shards", [])}
-        written, skipped = entry["num_samples"], len(entry.get("skipped", []))
-        if entry.get("num_inputs", written + skipped) != written + skipped:
+        written, skipped = entry["num_samples"], len(entry["skipped"])
+        if entry["num_inputs"] != written + skipped:
             problems.append(f"{split}: {entry['num_inputs']:,} inputs, but {written:,} written + {skipped:,} skipped")
         for name in sorted(set(records) - set(entry["filenames"])):
             problems.append(f"{name}: has a sha256/size record in _info.json but is not in {split}'s filenames")
         for name, length in zip(entry["filenames"], entry["shard_lengths"]):
             listed.add(name)
             record = records.get(name)
-            if record is None or "sha256" not in record or "size" not in record:
+            if record is None:
                 problems.append(f"{name}: no sha256/size record in _info.json")
-            elif record.get("num_samples", length) != length:
+            elif record["num_samples"] != length:
                 problems.append(f"{name}: _info.json records {record['num_samples']:,} samples, shard_lengths says {length:,}")
             elif not (folder / name).is_file():
                 problems.append(f"{name}: missing (listed in _info.json)")

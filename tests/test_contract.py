@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from grey_shards import write_folder
+from prep.cli import main as alexprep
 from prep.contract import ContractError, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
 from prep.folder_report import verify_cmd
+from train.cli import main as alextrain
 from train.stream import open_shards
 
 
@@ -40,6 +43,26 @@ INFO_CASES = {
     "lengths not counts": (lambda i: i["splits"]["train"].update(shard_lengths=["7", 3, 5, 6, 4]),
                            r"split 'train' needs lists `filenames` and `shard_lengths` \(sample counts\)"),
     "not an object": (lambda i: i.clear(), r"schema_version None, this program reads 1"),
+    # hand-edited fields a reader takes: each with its type, one line where it is read
+    "record without size": (lambda i: i["splits"]["train"]["shards"][1].pop("size"),
+                            r"split 'train', shard record train-000001.tar: `size` missing \(a byte count\)"),
+    "size a string": (lambda i: i["splits"]["train"]["shards"][1].update(size="2048"),
+                      r"split 'train', shard record train-000001.tar: `size` is not a byte count: '2048'"),
+    "sha256 a number": (lambda i: i["splits"]["validation"]["shards"][0].update(sha256=7),
+                        r"split 'validation', shard record validation-000000.tar: `sha256` is not 64 lowercase hex digits: 7"),
+    "record count null": (lambda i: i["splits"]["train"]["shards"][0].update(num_samples=None),
+                          r"split 'train', shard record train-000000.tar: `num_samples` is not a sample count: None"),
+    "no class_counts": (lambda i: i["splits"]["train"].pop("class_counts"),
+                        r"split 'train': `class_counts` missing \(a list of 25 sample counts, one per class\)"),
+    "class_counts short": (lambda i: i["splits"]["validation"]["class_counts"].pop(),
+                           r"split 'validation': `class_counts` is not a list of 25 sample counts, one per class: \[1, .*\]"),
+    "num_inputs a string": (lambda i: i["splits"]["train"].update(num_inputs="25"),
+                            r"split 'train': `num_inputs` is not a count of inputs: '25'"),
+    "skipped an object": (lambda i: i["splits"]["train"].update(skipped={"a": "b"}),
+                          r"split 'train': `skipped` is not a list of objects \{key, reason\}: \{'a': 'b'\}"),
+    "skip without reason": (lambda i: i["splits"]["train"].update(skipped=[{"key": "x", "reason": "empty file"}, {"key": "y"}]),
+                            r"split 'train', skipped input 1: `reason` missing \(a string\)"),
+    "options a list": (lambda i: i.update(options=["seed", 0]), r"`options` is not an object: \['seed', 0\]"),
 }
 
 
@@ -51,6 +74,20 @@ def test_a_broken_info_is_one_line(folder, case):
         read_info(folder)
     with pytest.raises(ContractError, match=rf"^{folder / '_info.json'}: {message}$"):
         open_shards(str(folder))
+
+
+@pytest.mark.parametrize("case", ["record without size", "size a string", "no class_counts"])
+def test_hand_edited_info_is_one_line_in_every_command(folder, tmp_path, case):
+    """A record without `size` was a KeyError in alextrain and `stats`, no `class_counts` one in `stats`,
+    `size` as a string a ValueError in `verify` (the command meant for damaged folders): each is one
+    line naming the file, the place and the field, in every command that reads the folder."""
+    change, message = INFO_CASES[case]
+    edit(folder, "_info.json", change)
+    line = rf"Error: {re.escape(str(folder / '_info.json'))}: {message}\n"
+    for cli, args in ((alexprep, ["stats", str(folder)]), (alexprep, ["stats", str(folder), "--plot", str(tmp_path / "x.png")]),
+                      (alexprep, ["verify", str(folder)]), (alextrain, ["--shards", str(folder), "--out", str(tmp_path / "run")])):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and re.fullmatch(line, result.output), (args, result.output)
 
 
 def test_info_that_is_not_an_object_is_one_line(folder):

@@ -180,6 +180,7 @@ def test_report_numbers_are_what_was_written(tmp_path):
 def test_even_median_keeps_its_half(tmp_path):
     folder = make_folder(tmp_path / "shards")
     edit_info(folder, lambda info: info["splits"]["train"].__setitem__("class_counts", [1, 2, 5, 6]))
+    edit_info(folder, lambda info: info["splits"]["validation"]["class_counts"].append(0))
     edit_info(folder, lambda info: info["classes"].append({"index": 3, "wnid": "syn03", "name": "grey"}))
     assert shard_report(folder)["splits"]["train"]["class_balance"] == {"min": 1, "median": 3.5, "max": 6, "empty": 0}
 
