@@ -25,6 +25,7 @@ INFO_NAME = "_info.json"
 STATS_NAME = "stats.json"
 SPLITS = ("train", "validation")
 IMAGE_SIZE = 256  # every sample's `jpg` is IMAGE_SIZE x IMAGE_SIZE RGB
+PIXEL_MAX = 255  # uint8 pixels; stats.json's 0..1 scale is k / PIXEL_MAX
 FIELDS = ("jpg", "cls", "json")  # the fields of every sample, besides __key__
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; put it straight back
@@ -194,24 +195,82 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_stats(folder: str | os.PathLike) -> dict:
-    """Load and check `stats.json` (mean, std, eigval, eigvec, cov on a 0..1 scale): every value a
-    finite number, every std above 0 (the trainer divides by it). ContractError with one clear line."""
-    path = Path(folder) / STATS_NAME
-    stats = _read_json(path, STATS_NAME)
+# stats.json's numbers come from 256 x 256 pixels on a 0..1 scale (k / 255, k = 0..255), so each has a
+# range it cannot leave; exactly, with n = num_pixels:
+#   mean in [0, 1];
+#   std in [sqrt(n - 1) / (255 n), 1/2]: a variance of values in [0, 1] is at most 1/4 (Popoviciu);
+#     (255 n)^2 var = n sum(k^2) - (sum k)^2 = the sum over pairs of pixels of (k_i - k_j)^2, and where
+#     not every k is the same at least n - 1 pairs differ;
+#   cov[i][i] = std[i]^2 and |cov[i][j]| <= std[i] std[j] (Cauchy-Schwarz);
+#   eigval descending, in [0, 3/4] (the covariance is positive semi-definite and its largest
+#     eigenvalue at most its trace); eigvec's columns orthonormal;
+#   num_pixels = num_images x 256 x 256, below 2**53 (where float64 still counts exactly).
+# So float32 training stays finite: 1 / std <= 255 sqrt(n) < 2.5e10, and the mean is at most 1.
+# stats.py's float64 arithmetic and LAPACK's eigh round at about 1e-15 relative to these numbers
+# (to the largest eigenvalue, for the eigenvalues and eigenvectors); _ROUNDING leaves a wide margin.
+_ROUNDING = 1e-9
+_MAX_NUM_PIXELS = 2**53
+
+
+def _stats_ranges(source: str, stats: dict) -> None:
+    """The exact ranges above, for shape-checked finite stats; ContractError naming the field."""
+    mean, std, cov, eigval, eigvec = (stats[k] for k in ("mean", "std", "cov", "eigval", "eigvec"))
+    images, pixels = stats["num_images"], stats["num_pixels"]
+    if not (images >= 1 and pixels == images * IMAGE_SIZE * IMAGE_SIZE and pixels < _MAX_NUM_PIXELS):
+        raise ContractError(f"{source}: fields 'num_images' {images} and 'num_pixels' {pixels}: num_pixels must be "
+                            f"num_images x {IMAGE_SIZE} x {IMAGE_SIZE}, from at least one image, below 2**53")
+    if not all(0 <= m <= 1 for m in mean):
+        raise ContractError(f"{source}: field 'mean' {mean} out of range: a mean of pixels on the 0..1 scale lies in [0, 1]")
+    if not all(s > 0 for s in std):
+        raise ContractError(f"{source}: std {std} has a channel without spread (std must be above 0)")
+    low = math.sqrt(pixels - 1) / (PIXEL_MAX * pixels) * (1 - _ROUNDING)
+    if not all(low <= s <= 0.5 * (1 + _ROUNDING) for s in std):
+        raise ContractError(f"{source}: field 'std' {std} out of range: a std of {pixels} pixels on the 0..1 scale "
+                            f"lies in [sqrt(num_pixels - 1) / (255 x num_pixels), 0.5] = [{low:.3g}, 0.5]")
+    for i in range(3):
+        if abs(cov[i][i] - std[i] ** 2) > std[i] ** 2 * _ROUNDING or any(
+                abs(cov[i][j]) > std[i] * std[j] * (1 + _ROUNDING) for j in range(3)):
+            raise ContractError(f"{source}: field 'cov' {cov} does not agree with 'std' {std}: cov[i][i] is std[i]^2 "
+                                f"and |cov[i][j]| at most std[i] std[j]")
+    slack = eigval[0] * _ROUNDING
+    if not (0.75 * (1 + _ROUNDING) >= eigval[0] >= eigval[1] >= eigval[2] >= -slack):
+        raise ContractError(f"{source}: field 'eigval' {eigval} out of range: the covariance's eigenvalues lie in "
+                            f"[0, 0.75], in descending order")
+    for i in range(3):
+        for j in range(3):
+            dot = sum(eigvec[k][i] * eigvec[k][j] for k in range(3))  # column i . column j
+            if abs(dot - (i == j)) > _ROUNDING:
+                raise ContractError(f"{source}: field 'eigvec' {eigvec} does not have orthonormal columns")
+
+
+def check_stats(stats, source: str) -> dict:
+    """Check the content of a `stats.json` (mean, std, cov, eigval, eigvec on a 0..1 scale, image and
+    pixel counts): every field present with its shape, a finite number, within the range pixels allow
+    (comment above). `source` names it in the error: the file, or a checkpoint's copy. Returns `stats`;
+    raises ContractError with one clear line naming the field."""
+    if not isinstance(stats, dict):
+        raise ContractError(f"{source}: {STATS_NAME} is not a JSON object")
     for key, shape in (("mean", (3,)), ("std", (3,)), ("eigval", (3,)), ("eigvec", (3, 3)), ("cov", (3, 3))):
         value = stats.get(key)
         ok = isinstance(value, list) and len(value) == shape[0]
         if ok and len(shape) == 2:
             ok = all(isinstance(row, list) and len(row) == shape[1] for row in value)
         if not ok:
-            raise ContractError(f"{path}: field {key!r} missing or not of shape {shape}")
+            raise ContractError(f"{source}: field {key!r} missing or not of shape {shape}")
         numbers = value if len(shape) == 1 else [v for row in value for v in row]
         if not all(_is_number(v) for v in numbers):
-            raise ContractError(f"{path}: field {key!r} holds a value that is not a finite number: {value}")
-    if not all(s > 0 for s in stats["std"]):
-        raise ContractError(f"{path}: std {stats['std']} has a channel without spread (std must be above 0)")
+            raise ContractError(f"{source}: field {key!r} holds a value that is not a finite number: {value}")
+    for key in ("num_images", "num_pixels"):
+        if not _is_count(stats.get(key)):
+            raise ContractError(f"{source}: field {key!r} missing or not a count: {stats.get(key)!r:.80}")
+    _stats_ranges(source, stats)
     return stats
+
+
+def read_stats(folder: str | os.PathLike) -> dict:
+    """Load `stats.json` and `check_stats` it; ContractError with one clear line."""
+    path = Path(folder) / STATS_NAME
+    return check_stats(_read_json(path, STATS_NAME), str(path))
 
 
 def sample_key(member_name: str) -> tuple[str, str]:

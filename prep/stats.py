@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from prep.contract import SCHEMA_VERSION
+from prep.contract import PIXEL_MAX, SCHEMA_VERSION
 
-PIXEL_MAX = 255  # uint8 pixels; stats.json is on a 0..1 scale
 MIN_SAMPLE = 100_000  # train images a sampled split's statistics come from, at least
 MAX_EVERY = 8  # the sparsest sample: 1 train image in 8
 _CHUNK = 256  # pixels per float32 partial sum in PixelSums._of_planes

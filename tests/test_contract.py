@@ -10,13 +10,15 @@ import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from grey_shards import write_folder
 from prep.cli import main as alexprep
-from prep.contract import ContractError, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
+from prep.contract import ContractError, check_stats, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
 from prep.folder_report import verify_cmd
+from prep.stats import PixelSums
 from train.cli import main as alextrain
 from train.stream import open_shards
 
@@ -131,6 +133,32 @@ STATS_CASES = {
     "eigvec null": (lambda s: s["eigvec"][1].__setitem__(2, None), r"field 'eigvec' holds a value that is not a finite number: .*"),
     "cov true": (lambda s: s["cov"][0].__setitem__(0, True), r"field 'cov' holds a value that is not a finite number: .*"),
     "eigval shape": (lambda s: s.update(eigval=[1, 2]), r"field 'eigval' missing or not of shape \(3,\)"),
+    # finite in float64, but not what pixels on a 0..1 scale can give (and not finite in float32)
+    "std 1e300": (lambda s: s.update(std=[1e300, 0.25, 0.25]), r"field 'std' \[1e\+300, 0.25, 0.25\] out of range: .*"),
+    "std 1e-300": (lambda s: s.update(std=[1e-300, 0.25, 0.25]),
+                   r"field 'std' \[1e-300, 0.25, 0.25\] out of range: a std of 720896 pixels on the 0..1 scale lies in "
+                   r"\[sqrt\(num_pixels - 1\) / \(255 x num_pixels\), 0.5\] = \[4.62e-06, 0.5\]"),
+    "std above a half": (lambda s: s.update(std=[0.51, 0.25, 0.25]), r"field 'std' \[0.51, 0.25, 0.25\] out of range: .*"),
+    "mean 1e300": (lambda s: s.update(mean=[1e300, 0.5, 0.5]),
+                   r"field 'mean' \[1e\+300, 0.5, 0.5\] out of range: a mean of pixels on the 0..1 scale lies in \[0, 1\]"),
+    "mean negative": (lambda s: s.update(mean=[0.5, -0.01, 0.5]), r"field 'mean' .* out of range: .*"),
+    "eigval 1e30": (lambda s: s.update(eigval=[1e30, 0.0625, 0.0625]),
+                    r"field 'eigval' \[1e\+30, 0.0625, 0.0625\] out of range: the covariance's eigenvalues lie in \[0, 0.75\], "
+                    r"in descending order"),
+    "eigval ascending": (lambda s: s.update(eigval=[0.01, 0.02, 0.03]), r"field 'eigval' .* out of range: .*"),
+    "eigval negative": (lambda s: s.update(eigval=[0.0625, 0.0625, -0.001]), r"field 'eigval' .* out of range: .*"),
+    "eigvec not unit": (lambda s: s["eigvec"][0].__setitem__(0, 1.001), r"field 'eigvec' \[\[1.001, 0, 0\], .*\] does not have orthonormal columns"),
+    "eigvec not orthogonal": (lambda s: s["eigvec"][0].__setitem__(1, 0.001), r"field 'eigvec' .* does not have orthonormal columns"),
+    "cov above std": (lambda s: s["cov"][0].__setitem__(1, 0.07),
+                      r"field 'cov' .* does not agree with 'std' \[0.25, 0.25, 0.25\]: cov\[i\]\[i\] is std\[i\]\^2 and "
+                      r"\|cov\[i\]\[j\]\| at most std\[i\] std\[j\]"),
+    "cov not std squared": (lambda s: s["cov"][2].__setitem__(2, 0.06), r"field 'cov' .* does not agree with 'std' .*"),
+    "pixels not per image": (lambda s: s.update(num_pixels=1000),
+                             r"fields 'num_images' 11 and 'num_pixels' 1000: num_pixels must be num_images x 256 x 256, "
+                             r"from at least one image, below 2\*\*53"),
+    "pixels beyond 2**53": (lambda s: s.update(num_images=2**40, num_pixels=2**56), r"fields 'num_images' .*"),
+    "no images": (lambda s: s.update(num_images=0, num_pixels=0), r"fields 'num_images' 0 .*"),
+    "num_pixels missing": (lambda s: s.pop("num_pixels"), r"field 'num_pixels' missing or not a count: None"),
 }
 
 
@@ -140,6 +168,33 @@ def test_broken_stats_are_one_line(folder, case):
     edit(folder, "stats.json", change)
     with pytest.raises(ContractError, match=rf"^{folder / 'stats.json'}: {message}$"):
         read_stats(folder)
+
+
+@pytest.mark.parametrize("case", ["std 1e300", "std 1e-300", "mean 1e300", "eigval 1e30"])
+def test_stats_float32_cannot_train_on_stop_alextrain_in_one_line(folder, tmp_path, case):
+    """std 1e300 trained on all-zero inputs to a "done" run at chance; std 1e-300 and mean 1e300 ended
+    in a misleading "try a lower --lr"; eigval 1e30 trained to garbage."""
+    change, message = STATS_CASES[case]
+    edit(folder, "stats.json", change)
+    result = CliRunner().invoke(alextrain, ["--shards", str(folder), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and re.fullmatch(rf"Error: {re.escape(str(folder / 'stats.json'))}: {message}\n", result.output), result.output
+
+
+def stats_of(sums: PixelSums) -> dict:
+    return check_stats(sums.stats(), "stats")
+
+
+def test_stats_at_the_edges_of_their_ranges_pass():
+    """What pixels can give, at the bounds: rounding stays inside the check's margin."""
+    grey = np.random.default_rng(0).integers(0, 256, (256, 256, 1), dtype=np.uint8).repeat(3, axis=2)
+    low = stats_of(PixelSums.of_image(grey))["eigval"]  # one direction: two eigenvalues of rounding noise
+    assert low[0] > 0.2 and abs(low[1]) < 1e-15 and abs(low[2]) < 1e-15
+    halves = np.zeros((256, 256, 3), np.uint8)
+    halves[:128] = 255
+    assert stats_of(PixelSums.of_image(halves))["std"] == [0.5, 0.5, 0.5]  # Popoviciu's bound, reached
+    n = 10**6 * 256 * 256  # a million images, all black but one pixel of level 1: the smallest spread there is
+    lone = stats_of(PixelSums(10**6, n, [1, 1, 1], [[1, 1, 1]] * 3))
+    assert lone["std"][0] == pytest.approx(np.sqrt(n - 1) / (255 * n), rel=1e-12)
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
