@@ -20,12 +20,14 @@ crop at offset floor((resized - size) / 2) on each axis.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import PIL
@@ -42,6 +44,15 @@ MAX_PIXELS = 89_478_485
 # Ghostscript) away from untrusted bytes. The JPEG opener also yields "MPO" (a JPEG with a
 # multi-picture header, as some cameras write); both take draft mode.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+# What Pillow's readers raise on bad bytes, and so what becomes a skip with its reason: OSError
+# (broken or truncated data), SyntaxError and ValueError (malformed headers and chunks), EOFError
+# (data that ends early), struct.error and zlib.error (the plugins' own parsing), and TypeError and
+# OverflowError (a TIFF tag of another type or size than the reader expects: a rational, a float or
+# bytes where an offset belongs, an offset beyond C's range; found by the fuzz test in
+# tests/test_image.py). Caught only around Pillow's calls on the bytes, so an error of our own code
+# still shows as the bug it is.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, TypeError, OverflowError)
 
 WHITE = (255, 255, 255)
 SUBSAMPLING = "4:2:0"  # chroma halved both ways: Pillow's default below quality 100, stated explicitly
@@ -86,22 +97,32 @@ def pillow_flavour() -> str:
     return f"Pillow {PIL.__version__}"
 
 
+@contextlib.contextmanager
+def _decoding(what: str, truncated: bool = False) -> Iterator[None]:
+    """Around Pillow's calls on untrusted bytes: what a reader raises on bad bytes (DECODE_ERRORS, a
+    bomb) becomes SkipImage with a one-line reason, `what: the reader's words`; with `truncated`, an
+    OSError about truncation is "truncated image" (what decoding pixels says of a file cut short)."""
+    try:
+        yield
+    except Image.DecompressionBombError as e:
+        raise SkipImage(f"decompression bomb: {e}") from None
+    except DECODE_ERRORS as e:
+        if truncated and isinstance(e, OSError) and "truncated" in str(e):
+            raise SkipImage("truncated image") from None
+        raise SkipImage(f"{what}: {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
 def _open(data: bytes) -> Image.Image:
     """Identify the image and read its header (no pixels yet); bombs and empty sizes are refused."""
     if not data:
         raise SkipImage("empty file")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns between 1x and 2x its limit and raises above; we apply our own limit below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _decoding("not an image"), warnings.catch_warnings():
+        # Pillow warns between 1x and 2x its limit and raises above; we apply our own limit below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
             im = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as e:
-        raise SkipImage(f"decompression bomb: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise SkipImage("not an image: unidentified format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # A recognised signature with a broken header.
-        raise SkipImage(f"not an image: {e}") from None
+        except Image.UnidentifiedImageError:
+            raise SkipImage("not an image: unidentified format") from None
     # Pillow itself refuses zero-sized headers ("not identified"), so they arrive here as "not an image".
     w, h = im.size
     if w * h > MAX_PIXELS:
@@ -170,14 +191,8 @@ def resize_crop(data: bytes, size: int = 256) -> Resized:
             scale = 1 if drafted is None else round(w / drafted[1][2])
         else:
             scale = 1
-        try:
+        with _decoding("unreadable image", truncated=True):
             im.load()
-        except OSError as e:
-            if "truncated" in str(e):
-                raise SkipImage("truncated image") from None
-            raise SkipImage(f"unreadable image: {e}") from None
-        except (SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
-            raise SkipImage(f"unreadable image: {e}") from None
         img = _to_rgb_or_l(im)
         box = tuple(c / scale for c in _reference_box(w, h, size))
         out = img.resize((size, size), Image.Resampling.LANCZOS, box=box)
