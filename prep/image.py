@@ -42,7 +42,8 @@ MAX_PIXELS = 89_478_485
 
 # The formats we accept, identified by content. Restricting Image.open keeps odd plugins (EPS runs
 # Ghostscript) away from untrusted bytes. The JPEG opener also yields "MPO" (a JPEG with a
-# multi-picture header, as some cameras write); both take draft mode.
+# multi-picture header, as some cameras write); both take draft mode. Shard bytes are JPEG only
+# (`open_jpeg`).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 # What Pillow's readers raise on bad bytes, and so what becomes a skip with its reason: OSError
@@ -59,7 +60,8 @@ SUBSAMPLING = "4:2:0"  # chroma halved both ways: Pillow's default below quality
 
 
 class SkipImage(Exception):
-    """An input that cannot become a training image; `str(e)` is the one-line reason."""
+    """An input that cannot become a training image (or shard bytes that are not a usable JPEG);
+    `str(e)` is the one-line reason."""
 
 
 @dataclass(frozen=True)
@@ -112,23 +114,49 @@ def _decoding(what: str, truncated: bool = False) -> Iterator[None]:
         raise SkipImage(f"{what}: {' '.join(str(e).split()) or type(e).__name__}") from None
 
 
-def _open(data: bytes) -> Image.Image:
-    """Identify the image and read its header (no pixels yet); bombs and empty sizes are refused."""
+def _open(data: bytes, formats: tuple[str, ...] = FORMATS, unknown: str = "not an image: unidentified format",
+          broken: str = "not an image") -> Image.Image:
+    """Identify the image among `formats` and read its header (no pixels yet); bombs and empty sizes
+    are refused. The reason is `unknown` where the content is none of `formats`, `broken: ...` where
+    its header does not parse."""
     if not data:
         raise SkipImage("empty file")
-    with _decoding("not an image"), warnings.catch_warnings():
+    with _decoding(broken), warnings.catch_warnings():
         # Pillow warns between 1x and 2x its limit and raises above; we apply our own limit below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
+            im = Image.open(io.BytesIO(data), formats=formats)
         except Image.UnidentifiedImageError:
-            raise SkipImage("not an image: unidentified format") from None
-    # Pillow itself refuses zero-sized headers ("not identified"), so they arrive here as "not an image".
+            raise SkipImage(unknown) from None
+    # Pillow itself refuses zero-sized headers ("not identified"), so they arrive here as `unknown`.
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
         raise SkipImage(f"decompression bomb: {w}x{h} = {w * h} pixels > {MAX_PIXELS}")
     return im
+
+
+def open_jpeg(data: bytes) -> Image.Image:
+    """Decode shard bytes as a JPEG with Pillow's JPEG reader alone, whatever the bytes are: no other
+    decoder can be reached from a shard (EPS would run Ghostscript, and every other plugin is code
+    that shard bytes have no business reaching). Returns the loaded image (format "JPEG" or "MPO");
+    raises SkipImage: "not a JPEG", or what the decoder said."""
+    im = _open(data, ("JPEG",), unknown="not a JPEG", broken="unreadable JPEG")
+    try:
+        with _decoding("unreadable JPEG", truncated=True):
+            im.load()
+    except SkipImage:
+        im.close()
+        raise
+    return im
+
+
+def jpeg_sums(jpeg: bytes) -> PixelSums:
+    """The pixel sums of a JPEG's decoded RGB pixels (the pixels a reader of the shards sees)."""
+    with open_jpeg(jpeg) as im:
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        # One contiguous plane per channel straight from Pillow: no (H, W, 3) transpose.
+        return PixelSums.of_planes(np.stack([np.asarray(band) for band in rgb.split()]))
 
 
 def _reference_box(w: int, h: int, size: int) -> tuple[float, float, float, float]:
@@ -215,4 +243,4 @@ def process(data: bytes, size: int = 256, quality: int = 90, sums: bool = False)
     buf = io.BytesIO()
     r.image.save(buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING, optimize=False, progressive=False)
     jpeg = buf.getvalue()
-    return Processed(jpeg, r.width, r.height, r.mode, r.format, PixelSums.of_jpeg(jpeg) if sums else None)
+    return Processed(jpeg, r.width, r.height, r.mode, r.format, jpeg_sums(jpeg) if sums else None)
