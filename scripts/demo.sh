@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole product on the built-in synthetic set, on whatever this machine has (CPU is fine):
-# build demo shards, report on them, train a short run, evaluate it, classify one picture.
+# build demo shards, report on them, train a short run, evaluate it, classify one picture, and export
+# the run as a model folder to share (`alextrain push` would upload it; the demo does not).
 # A short CPU-friendly run: BatchNorm AlexNet on 64 px crops; drop those options on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +22,5 @@ with tarfile.open(sys.argv[1]) as tar:
     open(sys.argv[2], "wb").write(tar.extractfile(member).read())
 PY
 $bin/alextrain predict --checkpoint runs/demo runs/demo/example.jpg --sheet runs/demo/predictions.png
-echo "demo: done; pictures in runs/demo (report.png, predictions.png)"
+$bin/alextrain export runs/demo --workers 2
+echo "demo: done; pictures in runs/demo (report.png, predictions.png), the model folder in runs/demo/model-last"

@@ -2,8 +2,8 @@
 
 The Hub stand-in (tests/hubstub.py) must be chosen before anything imports `huggingface_hub`, which
 reads HF_ENDPOINT and HF_HOME at import: so this module binds the server's socket and sets HF_ENDPOINT
-to it, HF_HOME to a temporary folder (no real token, cache or settings are touched), telemetry and
-update checks off, and removes the caller's other HF_* settings (a token among them), before it imports
+to it, HF_HOME to a temporary folder (no real token, cache or settings are touched), telemetry, update
+checks and Xet uploads off, and removes the caller's other HF_* settings (a token among them), before it imports
 anything that may import the client. Subprocesses (the `alexprep` CLI) inherit the same environment.
 `hub` gives a test the running server, reset.
 """
@@ -26,7 +26,8 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 for _name in [n for n in os.environ if n.startswith(("HF_", "HUGGING_FACE_"))]:
     del os.environ[_name]
 os.environ.update(HF_ENDPOINT=_HUB.url, HF_HOME=_HF_HOME, HF_HUB_DISABLE_TELEMETRY="1",
-                  HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+                  HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                  HF_HUB_DISABLE_XET="1")  # uploads over LFS, which the stand-in speaks (not Xet)
 
 from prep.build import build_shards  # noqa: E402  (after the environment above, see the docstring)
 

@@ -1,4 +1,5 @@
-"""A local stand-in of the Hugging Face Hub for one gated dataset repo, for tests and benchmarks.
+"""A local stand-in of the Hugging Face Hub for one gated dataset repo and any number of model repos, for
+tests and benchmarks.
 
 It speaks the HTTP endpoints the real `huggingface_hub` client (2.4) uses for a dataset repo, so code
 under test runs the real client unchanged once `HF_ENDPOINT` points here:
@@ -17,6 +18,29 @@ is 404 RepoNotFound, an unknown revision 404 RevisionNotFound, an unknown file 4
 revision is `main` or the fixed fake commit `COMMIT`. `.parquet` files are served as LFS files (ETag =
 sha256, `X-Linked-Etag`, `X-Linked-Size`), others as plain git files (ETag = git blob sha1); no
 redirects and no Xet headers, so the client downloads over plain HTTP even with `hf_xet` installed.
+
+Model repos (`hub.models`, a `ModelRepos`) are made and written through the endpoints that `create_repo`,
+`create_branch` and `create_commit` use, and read like the dataset repo:
+
+- `POST /api/repos/create` (the repo's URL; 409 if it exists, which `exist_ok=True` accepts),
+- `POST /api/validate-yaml` (a README.md's metadata block must be a YAML mapping),
+- `POST /api/models/{repo}/preupload/{rev}` (each file's upload mode, LFS by the .gitattributes patterns,
+  size or binary content, and the `oid` of the file already there, by which the client leaves out
+  unchanged files: pushing the same files again makes no commit),
+- `POST /{repo}.git/info/lfs/objects/batch` (an upload href for each LFS object the server lacks) and
+  `PUT /lfs-objects/{sha256}` (the content, checked against its sha256),
+- `POST /api/models/{repo}/commit/{rev}` (NDJSON: header, `file`, `lfsFile`, `deletedFile`,
+  `deletedFolder`; checked whole, then applied at once: all or nothing),
+- `POST /api/models/{repo}/branch/{branch}`,
+- `GET /api/models/{repo}[/revision/{rev}]`, `GET /api/models/{repo}/tree/{rev}[/{path}]`, and `HEAD`/`GET
+  /{repo}/resolve/{rev}/{path}` (`hf_hub_download` of a model; `rev` a branch or a commit id).
+
+Writes need `Authorization: Bearer WRITE_TOKEN` in the namespace `WRITE_USER`: without a token 401, with
+an unknown one 401 "Invalid credentials in Authorization header", with the dataset's (read) token or
+outside that namespace 403. Public model repos are read by anyone, private ones only with WRITE_TOKEN.
+Uploads speak the LFS protocol, not Xet: the client must run with `HF_HUB_DISABLE_XET=1` (conftest sets it).
+`hub.models.drop("lfs" | "commit")` makes the next upload or commit request end in a closed connection
+(recorded with status 0), and `hub.models.commits(repo)` lists a branch's commits.
 
 For benchmarks and failure tests it has a whole-server bandwidth limit (`bandwidth`, bytes/s of file
 content), accounting (`sent[path]`, `total_sent`, `requests`) and fault injection, each for the next
@@ -44,11 +68,17 @@ with `--make-repo` to fill an empty DIR with `make_imagenet_like_repo` first.
 from __future__ import annotations
 
 import argparse
+import base64
 import colorsys
+import fnmatch
 import hashlib
 import io
 import json
+import os
+import re
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -101,8 +131,7 @@ def _entry_of(data: bytes, lfs: bool) -> _Entry:
     sha256 = hashlib.sha256(data).hexdigest()
     if not lfs:
         return _Entry(len(data), sha256, _git_blob_sha1(data), None)
-    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
-    return _Entry(len(data), sha256, _git_blob_sha1(pointer), len(pointer))
+    return _lfs_entry(sha256, len(data))
 
 
 class _HubError(Exception):
@@ -159,6 +188,8 @@ class HubStub:
         self._server.hub = self
         self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
+        self.write_token = WRITE_TOKEN
+        self.models = ModelRepos()
 
     # --- life cycle ---------------------------------------------------------------------------------
 
@@ -189,6 +220,7 @@ class HubStub:
         for conn in open_connections:
             _close_quietly(conn)
         self._server.server_close()
+        self.models.reset()
 
     def __enter__(self) -> HubStub:
         return self.start()
@@ -216,13 +248,14 @@ class HubStub:
             return sum(self.sent.values())
 
     def reset(self) -> None:
-        """Forget accounting and pending faults; no bandwidth limit; the default page size."""
+        """Forget accounting and pending faults; no bandwidth limit; the default page size; no model repos."""
         with self._lock:
             self.sent = {}
             self.requests = []
             self._faults = {}
         self.bandwidth = None
         self.page_size = TREE_PAGE_SIZE
+        self.models.reset()
 
     # --- faults: each for the next `times` GETs of one repo file ------------------------------------
 
@@ -331,7 +364,457 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     return start, end
 
 
-class _Handler(BaseHTTPRequestHandler):
+# --- model repos: the write side (create_repo, create_branch, create_commit) and hf_hub_download of a model ---------
+
+WRITE_USER = "alexuser"  # the namespace WRITE_TOKEN may create model repos in
+WRITE_TOKEN = "hf_hubstub_write_token"  # a fake token with write access, accepted only by this server
+# A new model repo's first commit holds the .gitattributes the Hub writes; its patterns make a file LFS.
+LFS_PATTERNS = ("*.bin", "*.ckpt", "*.h5", "*.npy", "*.npz", "*.onnx", "*.pkl", "*.pt", "*.pth", "*.safetensors",
+                "*.tar", "*.zip")
+GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
+LFS_MIN_SIZE = 10 * 1024 * 1024  # bytes: a larger file is LFS whatever its name, as on the Hub
+UPLOAD_STEPS = ("lfs", "commit")  # the upload requests `ModelRepos.drop` can cut
+
+
+class ModelCommit(NamedTuple):
+    """One commit of a model repo: its 40-hex id, its title and the files it holds."""
+
+    oid: str
+    title: str
+    files: dict[str, _Blob]
+
+
+class _Blob(NamedTuple):
+    """A committed file: its entry (sizes, hashes, LFS or not) and its content in the object store."""
+
+    entry: _Entry
+    content: Path
+
+
+@dataclass
+class _ModelRepo:
+    private: bool
+    branches: dict[str, list[ModelCommit]]  # branch -> its commits, oldest first
+
+
+def _lfs_entry(sha256: str, size: int) -> _Entry:
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    return _Entry(size, sha256, _git_blob_sha1(pointer), len(pointer))
+
+
+def _upload_mode(path: str, size: int, sample: bytes) -> str:
+    """"lfs" or "regular", as the Hub's preupload decides: by the .gitattributes patterns and by size;
+    binary content (a NUL byte in the first 512 bytes) goes to LFS too."""
+    name = path.rsplit("/", 1)[-1]
+    lfs = any(fnmatch.fnmatch(name, p) for p in LFS_PATTERNS) or size >= LFS_MIN_SIZE or b"\0" in sample
+    return "lfs" if lfs else "regular"
+
+
+class ModelRepos:
+    """The stand-in's model repos, made and written only through the API, as on the Hub.
+
+    File contents live in a temporary object store, one file per sha256 (LFS uploads are streamed to
+    disk). A commit is checked whole before it is applied under the lock: all of it or nothing.
+    `drop(step)` makes the next LFS upload (after half its body) or commit request (after its body,
+    before anything is applied) end in a closed connection: a network drop mid-push.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._repos: dict[str, _ModelRepo] = {}
+        self._store: Path | None = None
+        self._drops: dict[str, int] = {}
+        self.uploaded: list[str] = []  # the sha256 of every LFS object received whole, in order
+
+    def reset(self) -> None:
+        """No repos, no stored contents, no pending drops."""
+        with self._lock:
+            self._repos, self._drops, self.uploaded = {}, {}, []
+            store, self._store = self._store, None
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
+
+    def drop(self, step: str, times: int = 1) -> None:
+        """The next `times` requests of upload step `step` ("lfs" or "commit") end in a closed connection."""
+        if step not in UPLOAD_STEPS or times < 1:
+            raise ValueError(f"step must be one of {UPLOAD_STEPS} and times >= 1, got {step!r}, {times}")
+        with self._lock:
+            self._drops[step] = times
+
+    def commits(self, repo_id: str, branch: str = "main") -> list[ModelCommit]:
+        """The branch's commits, oldest first (the repo's creation is the first)."""
+        with self._lock:
+            return list(self._repos[repo_id].branches[branch])
+
+    def read(self, repo_id: str, path: str, revision: str = "main") -> bytes:
+        """A file's content at a revision (a branch or a commit id)."""
+        return self.commit_at(repo_id, revision).files[path].content.read_bytes()
+
+    def commit_at(self, repo_id: str, revision: str) -> ModelCommit:
+        """The commit a branch name or commit id stands for; 404 RepoNotFound or RevisionNotFound if none."""
+        with self._lock:
+            repo = self._repos.get(repo_id)
+            if repo is None:
+                raise _HubError(404, "RepoNotFound", "Repository not found")
+            if revision in repo.branches:
+                return repo.branches[revision][-1]
+            found = [c for commits in repo.branches.values() for c in commits if c.oid == revision]
+        if not found:
+            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return found[0]
+
+    def private(self, repo_id: str) -> bool | None:
+        """Whether the repo is private; None if there is no such repo."""
+        with self._lock:
+            repo = self._repos.get(repo_id)
+            return None if repo is None else repo.private
+
+    def take_drop(self, step: str) -> bool:
+        with self._lock:
+            left = self._drops.get(step, 0)
+            if left:
+                self._drops[step] = left - 1
+            return left > 0
+
+    def _objects(self) -> Path:
+        with self._lock:
+            if self._store is None:
+                self._store = Path(tempfile.mkdtemp(prefix="hubstub-objects-"))
+            return self._store
+
+    def store(self, chunks, sha256: str | None = None) -> tuple[str, int, Path]:
+        """Write byte chunks to the object store: (sha256, size, path). Content that does not hash to a
+        given `sha256` is refused (400) and nothing is kept."""
+        objects, h, size = self._objects(), hashlib.sha256(), 0
+        fd, tmp = tempfile.mkstemp(dir=objects, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    h.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+            if sha256 is not None and h.hexdigest() != sha256:
+                raise _HubError(400, None, f"the uploaded content's sha256 is {h.hexdigest()}, not {sha256}")
+            path = objects / h.hexdigest()
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return h.hexdigest(), size, path
+
+    def stored(self, sha256: str) -> Path | None:
+        """The stored content of this sha256, if the store has it."""
+        path = self._objects() / sha256
+        return path if re.fullmatch(r"[0-9a-f]{64}", sha256) and path.is_file() else None
+
+    def create(self, repo_id: str, private: bool) -> bool:
+        """Make the repo, its first commit holding .gitattributes; False if it exists already."""
+        sha256, size, path = self.store([GITATTRIBUTES])
+        files = {".gitattributes": _Blob(_Entry(size, sha256, _git_blob_sha1(GITATTRIBUTES), None), path)}
+        with self._lock:
+            if repo_id in self._repos:
+                return False
+            self._repos[repo_id] = _ModelRepo(private, {"main": [_new_commit("", "initial commit", files)]})
+        return True
+
+    def branch(self, repo_id: str, branch: str, start: str) -> bool:
+        """Make `branch` point at the commit `start` stands for; False if it exists already."""
+        commit = self.commit_at(repo_id, start)
+        with self._lock:
+            branches = self._repos[repo_id].branches
+            if branch in branches:
+                return False
+            branches[branch] = [commit]
+        return True
+
+    def commit(self, repo_id: str, branch: str, header: dict, operations: list[dict]) -> ModelCommit:
+        """Apply one commit (the NDJSON items after its header) to `branch`, whole or not at all."""
+        head = self.commit_at(repo_id, branch)
+        parent = header.get("parentCommit")
+        if parent is not None and parent != head.oid:
+            raise _HubError(412, None, "A commit has happened since. Please refresh and try again.")
+        files = dict(head.files)
+        for op in operations:
+            key, value = op.get("key"), op.get("value") or {}
+            path = value.get("path")
+            if not isinstance(path, str) or not path.strip("/") or path.startswith("/") or ".." in path.split("/"):
+                raise _HubError(400, None, f"invalid path in the commit: {path!r}")
+            if key == "file":
+                data = base64.b64decode(value.get("content", ""), validate=True)
+                sha256, size, stored = self.store([data])
+                files[path] = _Blob(_Entry(size, sha256, _git_blob_sha1(data), None), stored)
+            elif key == "lfsFile":
+                stored = self.stored(str(value.get("oid")))
+                if stored is None or value.get("size", stored.stat().st_size) != stored.stat().st_size:
+                    raise _HubError(400, None, f"{path}: its LFS object {value.get('oid')} was never uploaded")
+                files[path] = _Blob(_lfs_entry(value["oid"], stored.stat().st_size), stored)
+            elif key == "deletedFile":
+                if files.pop(path, None) is None:
+                    raise _HubError(404, "EntryNotFound", f"{path}: A file with this name doesn't exist")
+            elif key == "deletedFolder":
+                for name in [f for f in files if f.startswith(path.rstrip("/") + "/")]:
+                    del files[name]
+            else:
+                raise _HubError(400, None, f"unknown commit operation {key!r}")
+        commit = _new_commit(head.oid, str(header.get("summary") or ""), files)
+        with self._lock:
+            commits = self._repos[repo_id].branches.get(branch)
+            if commits is None or commits[-1].oid != head.oid:
+                raise _HubError(412, None, "A commit has happened since. Please refresh and try again.")
+            commits.append(commit)
+        return commit
+
+
+def _new_commit(parent: str, title: str, files: dict[str, _Blob]) -> ModelCommit:
+    listing = "".join(f"{path}\t{blob.entry.oid}\n" for path, blob in sorted(files.items()))
+    oid = hashlib.sha1(f"{parent}\n{title}\n{time.time_ns()}\n{listing}".encode()).hexdigest()
+    return ModelCommit(oid, title, files)
+
+
+def _front_matter(text: str):
+    """The YAML metadata block of a README.md (None if it has none), parsed; ValueError if unreadable."""
+    import yaml
+
+    if not text.startswith("---\n"):
+        return None
+    block, sep, _ = text[4:].partition("\n---\n")
+    if not sep:
+        raise ValueError("the metadata block has no closing '---' line")
+    try:
+        return yaml.safe_load(block)
+    except yaml.YAMLError as e:
+        raise ValueError(f"the metadata block is not YAML ({str(e).splitlines()[0]})") from None
+
+
+class _ModelEndpoints:
+    """The handler's model-repo endpoints (mixed into _Handler; `hub.models` holds the repos)."""
+
+    @staticmethod
+    def is_model_request(parts: list[str]) -> bool:
+        return (parts[:2] in (["api", "repos"], ["api", "models"]) or parts == ["api", "validate-yaml"]
+                or (len(parts) >= 2 and parts[1].endswith(".git"))
+                or (len(parts) >= 5 and parts[2] == "resolve" and parts[0] not in ("datasets", "spaces")))
+
+    def do_PUT(self) -> None:
+        """An LFS upload to the href the batch endpoint gave: /lfs-objects/{sha256}."""
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        self._url_path, self._file = unquote(urlsplit(self.path).path), None
+        try:
+            if len(parts) != 2 or parts[0] != "lfs-objects":
+                raise _HubError(404, None, "Not Found")
+            self._receive_object(parts[1])
+        except _HubError as e:
+            self.close_connection = True  # the rest of an unread body would be taken for the next request
+            self._error("PUT", e)
+
+    def _receive_object(self, sha256: str) -> None:
+        models = self.hub.models
+        length = int(self.headers.get("Content-Length") or -1)
+        chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        if length < 0 and not chunked:
+            raise _HubError(411, None, "Length Required")
+        body = self._chunked_body() if chunked else self._body(length)
+        if models.take_drop("lfs"):  # half the body, then the connection goes away; nothing is kept
+            for _ in zip(range(max(1, length // 2 // _CHUNK)), body):
+                pass
+            self._record_drop("PUT")
+            return
+        models.store(body, sha256)
+        models.uploaded.append(sha256)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _body(self, length: int):
+        while length > 0:
+            chunk = self.rfile.read(min(_CHUNK, length))
+            if not chunk:
+                raise _HubError(400, None, "the upload ended early")
+            length -= len(chunk)
+            yield chunk
+
+    def _chunked_body(self):
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                self.rfile.readline()  # the empty line after the last chunk (no trailers are sent)
+                return
+            yield from self._body(size)
+            self.rfile.readline()  # the CRLF after each chunk
+
+    def _record_drop(self, method: str) -> None:
+        """Close the connection without an answer; recorded as a request with status 0."""
+        self.hub.requests.append(Request(method, self._url_path, None, None, 0))
+        self.close_connection = True
+        _close_quietly(self.connection)
+
+    def _models_api(self, method, parts, query, body) -> None:
+        models = self.hub.models
+        if parts == ["api", "repos", "create"] and method == "POST":
+            return self._create_repo(json.loads(body or b"{}"))
+        if parts == ["api", "validate-yaml"] and method == "POST":
+            try:
+                meta = _front_matter(json.loads(body).get("content", ""))
+                if meta is not None and not isinstance(meta, dict):
+                    raise ValueError("the metadata block is not a mapping")
+            except ValueError as e:
+                return self._json(method, {"errors": [{"message": str(e)}], "warnings": []}, status=400)
+            return self._json(method, {"errors": [], "warnings": []})
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            repo_id, rest = "/".join(parts[2:4]), parts[4:]
+            if not rest or rest[0] == "revision":
+                self._check_model_read(repo_id)
+                commit = models.commit_at(repo_id, rest[1] if len(rest) > 1 else "main")
+                return self._json(method, self._model_info(repo_id, commit, "blobs" in query))
+            if rest[0] == "tree" and len(rest) >= 2:
+                self._check_model_read(repo_id)
+                files = {p: b.entry for p, b in models.commit_at(repo_id, rest[1]).files.items()}
+                return self._tree(method, files, "/".join(rest[2:]).strip("/"), query)
+            if rest[0] == "preupload" and len(rest) == 2 and method == "POST":
+                self._check_write(repo_id)
+                return self._json(method, self._preupload(repo_id, rest[1], json.loads(body)))
+            if rest[0] == "branch" and len(rest) == 2 and method == "POST":
+                self._check_write(repo_id)
+                start = json.loads(body or b"{}").get("startingPoint") or "main"
+                if not models.branch(repo_id, rest[1], start):
+                    raise _HubError(409, None, f"Reference already exists: {rest[1]}")
+                return self._json(method, {})
+            if rest[0] == "commit" and len(rest) == 2 and method == "POST":
+                self._check_write(repo_id)
+                return self._commit(method, repo_id, rest[1], body)
+        if len(parts) >= 2 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+            repo_id = f"{parts[0]}/{parts[1][:-len('.git')]}"
+            self._check_write(repo_id)
+            return self._lfs_batch(method, json.loads(body))
+        if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
+            self._file = "/".join(parts[4:])
+            return self._resolve_model(method, "/".join(parts[:2]), parts[3], self._file)
+        raise _HubError(404, None, "Not Found")
+
+    # --- who may do what: public repos are read by anyone, private ones and every write need WRITE_TOKEN
+
+    def _token(self) -> str | None:
+        auth = self.headers.get("Authorization")
+        if auth is None:
+            return None
+        if auth not in (f"Bearer {self.hub.token}", f"Bearer {self.hub.write_token}"):
+            raise _HubError(401, None, "Invalid credentials in Authorization header")
+        return auth[len("Bearer "):]
+
+    def _check_model_read(self, repo_id: str) -> None:
+        private = self.hub.models.private(repo_id)
+        if private is None or (private and self._token() != self.hub.write_token):
+            status = 401 if self.headers.get("Authorization") is None else 404
+            raise _HubError(status, "RepoNotFound", "Repository not found")
+
+    def _check_write(self, repo_id: str, creating: bool = False) -> None:
+        token = self._token()
+        if token is None:
+            raise _HubError(401, None, "Invalid username or password.")
+        namespace = repo_id.split("/")[0]
+        if token != self.hub.write_token or namespace != WRITE_USER:
+            if creating:
+                raise _HubError(403, None, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
+            raise _HubError(403, None, f"You don't have the rights to write to {repo_id}: a token with write access "
+                                       f"to it is needed")
+        if not creating and self.hub.models.private(repo_id) is None:
+            raise _HubError(404, "RepoNotFound", "Repository not found")
+
+    # --- answers
+
+    def _create_repo(self, payload: dict) -> None:
+        if payload.get("type", "model") != "model":
+            raise _HubError(400, None, "this stand-in makes model repos only")
+        repo_id = f"{payload.get('organization') or WRITE_USER}/{payload.get('name')}"
+        self._check_write(repo_id, creating=True)
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        url = f"{self.hub.url}/{repo_id}"
+        if not self.hub.models.create(repo_id, private):  # the Hub's 409 carries the URL, which exist_ok=True returns
+            message = "You already created this model repo"
+            return self._json("POST", {"error": message, "url": url}, {"X-Error-Message": message}, status=409)
+        self._json("POST", {"url": url, "name": repo_id, "id": repo_id})
+
+    def _model_info(self, repo_id: str, commit: ModelCommit, blobs: bool) -> dict:
+        siblings = []
+        for path, blob in sorted(commit.files.items()):
+            sibling = {"rfilename": path}
+            if blobs:
+                sibling.update(size=blob.entry.size, blobId=blob.entry.oid)
+                if blob.entry.lfs_pointer_size is not None:
+                    sibling["lfs"] = {"size": blob.entry.size, "sha256": blob.entry.sha256,
+                                      "pointerSize": blob.entry.lfs_pointer_size}
+            siblings.append(sibling)
+        return {"_id": commit.oid[:24], "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
+                "sha": commit.oid, "lastModified": LAST_MODIFIED, "createdAt": LAST_MODIFIED,
+                "private": self.hub.models.private(repo_id), "gated": False, "disabled": False, "downloads": 0,
+                "likes": 0, "tags": [], "siblings": siblings}
+
+    def _preupload(self, repo_id: str, revision: str, payload: dict) -> dict:
+        files = self.hub.models.commit_at(repo_id, revision).files
+        answers = []
+        for f in payload.get("files", []):
+            mode = _upload_mode(f["path"], f["size"], base64.b64decode(f.get("sample", "")))
+            answer = {"path": f["path"], "uploadMode": mode, "shouldIgnore": False}
+            if f["path"] in files:  # the client leaves out a file whose content this oid already is
+                entry = files[f["path"]].entry
+                answer["oid"] = entry.sha256 if entry.lfs_pointer_size is not None else entry.oid
+            answers.append(answer)
+        return {"files": answers, "commitOid": self.hub.models.commit_at(repo_id, revision).oid}
+
+    def _lfs_batch(self, method: str, payload: dict) -> None:
+        if payload.get("operation") != "upload":
+            raise _HubError(400, None, "this stand-in takes LFS uploads only")
+        objects = []
+        for obj in payload.get("objects", []):
+            answer = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if self.hub.models.stored(obj["oid"]) is None:  # no actions: the Hub has this content already
+                answer["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-objects/{obj['oid']}"}}
+            objects.append(answer)
+        self._json(method, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+
+    def _commit(self, method: str, repo_id: str, branch: str, body: bytes) -> None:
+        if self.hub.models.take_drop("commit"):  # the whole request came, then the connection went away
+            return self._record_drop(method)
+        try:
+            items = [json.loads(line) for line in body.splitlines() if line.strip()]
+        except ValueError:
+            raise _HubError(400, None, "the commit is not NDJSON") from None
+        if not items or items[0].get("key") != "header":
+            raise _HubError(400, None, "a commit starts with its header")
+        commit = self.hub.models.commit(repo_id, branch, items[0].get("value") or {}, items[1:])
+        self._json(method, {"success": True, "commitOid": commit.oid, "pullRequestUrl": None,
+                            "commitUrl": f"{self.hub.url}/{repo_id}/commit/{commit.oid}"})
+
+    def _resolve_model(self, method: str, repo_id: str, revision: str, path: str) -> None:
+        self._check_model_read(repo_id)
+        commit = self.hub.models.commit_at(repo_id, revision)
+        blob = commit.files.get(path)
+        if blob is None:
+            raise _HubError(404, "EntryNotFound", f"{path} does not exist on \"{revision}\"")
+        e = blob.entry
+        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{e.etag}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if e.lfs_pointer_size is not None:
+            headers.update({"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)})
+        start, end, status = 0, e.size, 200
+        if self.headers.get("Range") is not None:
+            start, end = _parse_range(self.headers["Range"], e.size)
+            status, headers["Content-Range"] = 206, f"bytes {start}-{end - 1}/{e.size}"
+        headers["Content-Length"] = str(end - start)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if method == "GET":
+            with open(blob.content, "rb") as f:
+                f.seek(start)
+                while start < end and (data := f.read(min(_CHUNK, end - start))):
+                    self.wfile.write(data)
+                    start += len(data)
+
+
+
+class _Handler(_ModelEndpoints, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
     timeout = 60  # seconds an idle keep-alive connection is kept
 
@@ -384,6 +867,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if parts == ["api", "agent-harnesses"]:  # the client's agent registry, fetched once a day
                 self._json(method, {"standardEnvVars": [], "harnesses": {}})
+            elif self.is_model_request(parts):
+                self._models_api(method, parts, query, body)
             elif parts[:1] == ["api"] and len(parts) >= 4:
                 self._api(method, parts[1], "/".join(parts[2:4]), parts[4:], query, body)
             elif len(parts) >= 5 and parts[3] == "resolve":
@@ -542,9 +1027,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- answers ------------------------------------------------------------------------------------
 
-    def _json(self, method: str, payload, headers: dict | None = None) -> None:
+    def _json(self, method: str, payload, headers: dict | None = None, status: int = 200) -> None:
         data = json.dumps(payload).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():

@@ -1,4 +1,5 @@
-"""The Hub stand-in (tests/hubstub.py) against the real `huggingface_hub` client, and its repo generator."""
+"""The Hub stand-in (tests/hubstub.py) against the real `huggingface_hub` client: the dataset repo, model repos
+(uploads, commits, downloads), and the dataset repo generator."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import httpx2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from huggingface_hub import HfApi, HfFileSystem, get_hf_file_metadata, hf_hub_download, hf_hub_url
-from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+from huggingface_hub import (CommitOperationAdd, HfApi, HfFileSystem, get_hf_file_metadata, hf_hub_download,
+                             hf_hub_url)
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 from PIL import Image
 
-from hubstub import COMMIT, CLASS_NAMES, HubStub, label_from_pixels, make_imagenet_like_repo
+from hubstub import (COMMIT, CLASS_NAMES, WRITE_TOKEN, WRITE_USER, HubStub, label_from_pixels,
+                     make_imagenet_like_repo)
 
 REPO = "ILSVRC/imagenet-1k"
 TRAIN0 = "data/train-00000-of-00024.parquet"
@@ -272,3 +275,113 @@ def test_standalone_server(hub_repo):
         proc.terminate()
         proc.wait(timeout=10)
         proc.stdout.close()
+
+
+# --- model repos: what create_repo, create_branch, create_commit and hf_hub_download of a model do ---------------
+
+MODEL = f"{WRITE_USER}/tiny"
+
+
+def model_folder(folder: Path, weights: bytes = b"\x01\x02" * 50_000) -> Path:
+    """A small model folder: two text files (regular git files) and two binary ones (LFS: one by its
+    name, one by its content)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"arch": "alexnet"}\n')
+    (folder / "README.md").write_text("---\ntags:\n- alexnet\n---\n# tiny\n")
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "pic.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0" + bytes(range(256)) * 10)
+    return folder
+
+
+def additions(folder: Path) -> list[CommitOperationAdd]:
+    return [CommitOperationAdd(p.name, str(p)) for p in sorted(folder.iterdir())]
+
+
+def test_commit_regular_and_lfs_files_then_download_them(hub, tmp_path):
+    api, folder = HfApi(token=WRITE_TOKEN), model_folder(tmp_path / "m")
+    url = api.create_repo(MODEL)
+    assert url == f"{hub.url}/{MODEL}" and api.create_repo(MODEL, exist_ok=True) == url  # the 409 carries the URL
+    commit = api.create_commit(MODEL, additions(folder), commit_message="first")
+    assert [(c.oid, c.title) for c in hub.models.commits(MODEL)][1:] == [(commit.oid, "first")]
+    lfs = {"model.safetensors", "pic.png"}
+    assert sorted(hub.models.uploaded) == sorted(hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in lfs)
+    assert api.list_repo_files(MODEL) == [".gitattributes", "README.md", "config.json", "model.safetensors", "pic.png"]
+    info = api.model_info(MODEL, files_metadata=True)
+    assert info.sha == commit.oid and {s.rfilename for s in info.siblings if s.lfs} == lfs
+    for name in sorted(lfs) + ["README.md", "config.json"]:
+        assert Path(hf_hub_download(MODEL, name, cache_dir=tmp_path / "cache")).read_bytes() == (folder / name).read_bytes()
+        assert Path(hf_hub_download(MODEL, name, revision=commit.oid, cache_dir=tmp_path / "c2")).read_bytes() == (folder / name).read_bytes()
+    # The same files again: the client leaves out every file whose oid the preupload answer repeats.
+    again = api.create_commit(MODEL, additions(folder), commit_message="second")
+    assert again.oid == commit.oid and len(hub.models.commits(MODEL)) == 2 and len(hub.models.uploaded) == 2
+    # One file changed: one commit, one upload, the other files as they were.
+    (folder / "model.safetensors").write_bytes(b"\x03" * 100_000)
+    third = api.create_commit(MODEL, additions(folder), commit_message="third")
+    assert [c.oid for c in hub.models.commits(MODEL)][2:] == [third.oid] and len(hub.models.uploaded) == 3
+    assert hub.models.read(MODEL, "model.safetensors") == b"\x03" * 100_000
+    assert hub.models.read(MODEL, "model.safetensors", commit.oid) == b"\x01\x02" * 50_000
+    assert hub.models.read(MODEL, "pic.png") == (folder / "pic.png").read_bytes()
+
+
+def test_a_commit_is_all_or_nothing(hub, tmp_path):
+    api, folder = HfApi(token=WRITE_TOKEN), model_folder(tmp_path / "m")
+    api.create_repo(MODEL)
+    # A regular file and an LFS file whose content was never uploaded: refused whole.
+    ndjson = b"".join(json.dumps(item).encode() + b"\n" for item in [
+        {"key": "header", "value": {"summary": "half", "description": ""}},
+        {"key": "file", "value": {"path": "config.json", "content": "e30K", "encoding": "base64"}},
+        {"key": "lfsFile", "value": {"path": "model.safetensors", "algo": "sha256", "oid": "ab" * 32, "size": 10}}])
+    answer = httpx2.post(f"{hub.url}/api/models/{MODEL}/commit/main", content=ndjson,
+                         headers={"Authorization": f"Bearer {WRITE_TOKEN}", "Content-Type": "application/x-ndjson"})
+    assert answer.status_code == 400 and "never uploaded" in answer.json()["error"]
+    assert len(hub.models.commits(MODEL)) == 1 and api.list_repo_files(MODEL) == [".gitattributes"]
+    # The connection drops after the commit request was sent: the client fails, nothing is applied.
+    hub.models.drop("commit")
+    with pytest.raises(httpx2.TransportError):
+        api.create_commit(MODEL, additions(folder), commit_message="dropped")
+    assert len(hub.models.commits(MODEL)) == 1 and api.list_repo_files(MODEL) == [".gitattributes"]
+    assert [r.status for r in hub.requests if r.path.endswith("/commit/main")] == [400, 0]
+    # A drop in the middle of an LFS upload: the client sends it again (after 1 s) and the commit is whole.
+    hub.reset()
+    api.create_repo(MODEL)
+    hub.models.drop("lfs")
+    api.create_commit(MODEL, additions(folder), commit_message="after a drop")
+    puts = [r.status for r in hub.requests if r.method == "PUT"]
+    assert sorted(puts) == [0, 200, 200] and len(hub.models.commits(MODEL)) == 2
+    assert hub.models.read(MODEL, "model.safetensors") == (folder / "model.safetensors").read_bytes()
+
+
+def test_writes_need_a_token_with_write_access(hub, tmp_path):
+    folder = model_folder(tmp_path / "m")
+    for token, status in ((False, 401), ("hf_not_a_token", 401), (hub.token, 403)):
+        with pytest.raises(HfHubHTTPError) as e:
+            HfApi(token=token).create_repo(MODEL)
+        assert e.value.response.status_code == status
+    with pytest.raises(HfHubHTTPError, match='rights to create a model under the namespace "someone"') as e:
+        HfApi(token=WRITE_TOKEN).create_repo("someone/tiny")
+    assert e.value.response.status_code == 403
+    HfApi(token=WRITE_TOKEN).create_repo(MODEL)
+    for token, status in ((False, 401), (hub.token, 403)):
+        with pytest.raises(HfHubHTTPError) as e:
+            HfApi(token=token).create_commit(MODEL, additions(folder), commit_message="no")
+        assert e.value.response.status_code == status
+    assert len(hub.models.commits(MODEL)) == 1 and hub.models.uploaded == []
+
+
+def test_private_repos_and_branches(hub, tmp_path):
+    api, folder = HfApi(token=WRITE_TOKEN), model_folder(tmp_path / "m")
+    api.create_repo(MODEL, private=True)
+    api.create_branch(MODEL, branch="dev")
+    api.create_branch(MODEL, branch="dev", exist_ok=True)  # 409, accepted
+    dev = api.create_commit(MODEL, additions(folder), commit_message="on dev", revision="dev")
+    assert len(hub.models.commits(MODEL)) == 1 and len(hub.models.commits(MODEL, "dev")) == 2
+    assert api.list_repo_files(MODEL) == [".gitattributes"]
+    path = hf_hub_download(MODEL, "config.json", revision="dev", token=WRITE_TOKEN, cache_dir=tmp_path / "cache")
+    assert Path(path).parent.name == dev.oid
+    for token in (False, hub.token):  # private: not there for anyone else
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi(token=token).model_info(MODEL)
+        with pytest.raises(RepositoryNotFoundError):
+            hf_hub_download(MODEL, "config.json", revision="dev", token=token, cache_dir=tmp_path / "other")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info(MODEL, revision="nope")

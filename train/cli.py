@@ -1,6 +1,7 @@
-"""`alextrain`: train (the default command), `eval` and `predict`. Parses options and calls; the work
-is in train/loop.py, train/evaluate.py and train/predict.py. Training options are generated from
-TrainConfig's fields, so their help and defaults are the ones in train/config.py."""
+"""`alextrain`: train (the default command), `eval`, `predict`, `report`, `export` and `push`. Parses
+options and calls; the work is in train/loop.py, train/evaluate.py, train/predict.py, train/pictures.py,
+train/export.py and train/hub.py. Training options are generated from TrainConfig's fields, so their
+help and defaults are the ones in train/config.py."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from train.loader import LoaderWorkerError
 from train.checkpoint import CheckpointError
 from train.config import DEVICES, ConfigError, TrainConfig
 from train.evaluate import evaluate_checkpoint
+from train.export import EXPORT_FILES, ExportError, export, publish
+from train.hub import HubError
 from train.pictures import ReportError, format_summary, predict_sheet, render_report, run_summary
 from train.predict import ImageError, format_predictions, predict_files
+from train.pretrained import ModelError, ModelRef
 from train.stream import ShardError
 
 # Errors that mean bad input, not a bug: one line, exit status 1.
 USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, LoaderWorkerError,
-               loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError)
+               loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError, ModelError, HubError, ExportError)
 
 
 def train_options(command):
@@ -64,8 +68,8 @@ def run_training(ctx: click.Context, options: dict) -> None:
 @click.pass_context
 def main(ctx: click.Context, **options) -> None:
     """Train AlexNet on alexprep's shards (this is the default command: `alextrain --shards DIR`),
-    evaluate a checkpoint (`alextrain eval`), classify pictures (`alextrain predict`), or plot a run
-    (`alextrain report`).
+    evaluate a checkpoint (`alextrain eval`), classify pictures (`alextrain predict`), plot a run
+    (`alextrain report`), or share a model (`alextrain export`, `alextrain push`).
 
     Several GPUs or machines: `torchrun --nproc_per_node N -m train.cli --shards DIR ...`."""
     if ctx.invoked_subcommand is None:
@@ -82,8 +86,25 @@ def train_cmd(ctx: click.Context, **options) -> None:
     run_training(ctx, options)
 
 
+def model_options(command):
+    """--checkpoint, or --model with an optional --revision: which trained model a command uses."""
+    command = click.option("--revision", default=None, help="with --model USER/NAME: a branch, tag or commit of the repo  [default: main]")(command)
+    command = click.option("--model", "model", default=None, metavar="USER/NAME|DIR",
+                           help="an exported model instead: a Hub model repo (downloaded into the Hugging Face cache), "
+                                "or a folder written by `alextrain export`; only its config.json and model.safetensors are read")(command)
+    return click.option("--checkpoint", "path", type=click.Path(dir_okay=True), help="checkpoint file, or a run folder (its last.pt)")(command)
+
+
+def model_ref(path: str | None, model: str | None, revision: str | None) -> ModelRef:
+    if (path is None) == (model is None):
+        raise click.UsageError("give --checkpoint PATH or --model USER/NAME|DIR (one of the two)")
+    if revision is not None and model is None:
+        raise click.UsageError("--revision goes with --model (a Hub repo)")
+    return ModelRef(checkpoint=path) if path is not None else ModelRef(model=model, revision=revision)
+
+
 @main.command("eval")
-@click.option("--checkpoint", "path", required=True, type=click.Path(dir_okay=True), help="checkpoint file, or a run folder (its last.pt)")
+@model_options
 @click.option("--shards", default=None, help="shard folder or URL prefix  [default: the one the checkpoint was trained on]")
 @click.option("--ten-crop/--center", default=True,
               help="the center crop and the paper's ten crops (softmax averaged) in one pass, or the center crop alone  [default: ten-crop]")
@@ -93,10 +114,11 @@ def train_cmd(ctx: click.Context, **options) -> None:
                    "[default: this machine's cores shared among its ranks, less one each]")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a sentence")
-def eval_cmd(path, shards, ten_crop, batch_size, workers, device, as_json) -> None:
-    """Top-1 and top-5 error of a checkpoint on the validation split: center crop, and ten crops."""
+def eval_cmd(path, model, revision, shards, ten_crop, batch_size, workers, device, as_json) -> None:
+    """Top-1 and top-5 error of a checkpoint (or an exported model) on the validation split: center crop, and ten crops."""
+    ref = model_ref(path, model, revision)
     try:
-        result = evaluate_checkpoint(path, shards, mode="ten" if ten_crop else "center", batch_size=batch_size, workers=workers, device=device)
+        result = evaluate_checkpoint(ref, shards, mode="ten" if ten_crop else "center", batch_size=batch_size, workers=workers, device=device)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
     if not dist.launched_as_main():
@@ -112,22 +134,23 @@ def eval_cmd(path, shards, ten_crop, batch_size, workers, device, as_json) -> No
 
 
 @main.command("predict")
-@click.option("--checkpoint", "path", required=True, type=click.Path(dir_okay=True), help="checkpoint file, or a run folder (its last.pt)")
+@model_options
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--ten-crop/--center", default=False, help="average the softmax over ten crops, or use the center crop  [default: center]")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="how many classes to show per image")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also draw each IMAGE with a bar chart of its classes to this PNG (needs matplotlib)")
-def predict_cmd(path, images, ten_crop, top, device, sheet) -> None:
+def predict_cmd(path, model, revision, images, ten_crop, top, device, sheet) -> None:
     """The most probable classes, with probabilities, of each IMAGE (JPEG, PNG, ...)."""
+    ref = model_ref(path, model, revision)
     try:
-        predictions = predict_files(path, list(images), mode="ten" if ten_crop else "center", device=device, k=top)
+        predictions = predict_files(ref, list(images), mode="ten" if ten_crop else "center", device=device, k=top)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
     if sheet is not None:
         try:
-            predict_sheet(predictions, list(images), sheet, title=f"top-{top} predictions of {path}")
+            predict_sheet(predictions, list(images), sheet, title=f"top-{top} predictions of {ref}")
         except (ImportError, OSError) as e:  # no matplotlib, or the PNG cannot be written
             raise click.ClickException(str(e)) from None
     click.echo(format_predictions(images, predictions))
@@ -148,6 +171,69 @@ def report_cmd(run_dir, out, plot, as_json) -> None:
     except (ReportError, ImportError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(summary, sort_keys=True) if as_json else format_summary(summary))
+
+
+def export_options(command):
+    """How `export` (and `push`, when it exports) evaluates the checkpoint."""
+    options = [
+        click.option("--shards", default=None, help="shard folder to evaluate on and take example pictures from  "
+                                                    "[default: the one the checkpoint was trained on]"),
+        click.option("--evaluate/--no-evaluate", default=True,
+                     help="evaluate on the validation split (center crop and ten crops) and draw predictions.png, or "
+                          "take the center-crop numbers the training recorded for the checkpoint's epoch  [default: evaluate]"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="images per evaluation batch (x10 views)"),
+        click.option("--workers", type=click.IntRange(min=0), default=None,
+                     help="loader worker processes for the evaluation  [default: this machine's cores, less one]"),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="'auto' = cuda if available"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command("export")
+@click.argument("source", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="the model folder to write: new, empty, or an earlier export  [default: RUN/model-last for RUN/last.pt]")
+@export_options
+def export_cmd(source, out, **options) -> None:
+    """Write a self-contained model folder from a checkpoint (a run folder: its last.pt): model.safetensors
+    (the weights only), config.json (arch, input scaling, classes, recipe, data, evaluation), a model
+    card README.md, and the training curves and a top-5 prediction sheet as pictures."""
+    try:
+        done = export(source, out, **options)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    for note in done.notes:
+        click.echo(f"note: {note}", err=True)
+    files = [name for name in EXPORT_FILES if (done.folder / name).is_file()]
+    click.echo(f"exported {done.folder}: {', '.join(files)}")
+
+
+@main.command("push")
+@click.argument("source", metavar="RUN_OR_DIR", type=click.Path(exists=True))
+@click.option("--repo", required=True, metavar="USER/NAME", help="the Hugging Face model repo (created if missing)")
+@click.option("--private", is_flag=True, help="create the repo private (an existing repo keeps its visibility)")
+@click.option("--revision", default=None, metavar="BRANCH", help="commit to this branch, made from main if missing  [default: main]")
+@export_options
+def push_cmd(source, repo, private, revision, **options) -> None:
+    """Upload a model to a Hugging Face model repo in one commit: an export folder, or a checkpoint or
+    run folder (exported first into RUN/model-last unless that holds its current export). Files that
+    did not change are not sent again; pushing the same model twice makes no second commit. The token
+    comes from `hf auth login` or HF_TOKEN and is never printed or stored."""
+    try:
+        done = publish(source, repo, private=private, revision=revision, **options)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    for note in done.notes:
+        click.echo(f"note: {note}", err=True)
+    if done.exported:
+        click.echo(f"exported {done.folder}", err=True)
+    branch = revision or "main"
+    if done.pushed.changed:
+        click.echo(f"pushed {done.folder} to {done.pushed.url} ({branch}, commit {done.pushed.commit[:12]})")
+    else:
+        click.echo(f"{done.pushed.url} ({branch}) already holds {done.folder}: nothing to commit")
 
 
 if __name__ == "__main__":

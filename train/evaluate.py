@@ -13,9 +13,10 @@ from torch import nn
 
 from train import dist
 from train.augment import PixelStats, eval_views
-from train.checkpoint import input_scaling, load, model_from, resolve, trusted_shards
+from train.checkpoint import CheckpointError
 from prep.contract import ContractError
 from train.loader import DeviceLoader, make_loader
+from train.pretrained import ModelRef
 from train.stream import ShardStream, Split, open_shards
 
 
@@ -127,26 +128,29 @@ class EvalTotals:
 
 
 def evaluate_checkpoint(
-    path: str, shards: str | None = None, *, mode: str = "center", batch_size: int = 128, workers: int | None = None, device: str = "auto"
+    path: str | ModelRef, shards: str | None = None, *, mode: str = "center", batch_size: int = 128, workers: int | None = None, device: str = "auto"
 ) -> dict:
-    """Evaluate a checkpoint on a shard folder's validation split (by default the folder it was
-    trained on); works under torchrun too. Returns evaluate()'s numbers plus what was evaluated."""
+    """Evaluate a checkpoint (or an exported model: a ModelRef) on a shard folder's validation split
+    (by default the folder it was trained on); works under torchrun too. Returns evaluate()'s numbers
+    plus what was evaluated."""
+    ref = path if isinstance(path, ModelRef) else ModelRef(checkpoint=path)
     dev = dist.resolve_device(device)
     world = dist.init(dev.type)
     try:
         if dev.type == "cuda":
             dev = torch.device("cuda", world.local_rank)
-        state = load(path, map_location=dev)
-        location = shards or trusted_shards(resolve(path), state["config"]["shards"])
-        model = model_from(state, path, dev)
+        trained = ref.load(dev, for_eval=True, shards=shards)
+        location = trained.shards
+        if location is None:
+            raise CheckpointError(f"{ref}: it does not say which shard folder it was trained on; give --shards")
+        model = trained.model
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         folder = open_shards(location, splits=("validation",))
-        if [c.wnid for c in folder.classes] != [c["wnid"] for c in state["classes"]]:
-            raise ContractError(f"{location}: its classes differ from the {len(state['classes'])} the checkpoint was trained on")
-        stats = PixelStats.from_json(state["stats"], dev, source=f"{path}: stats")
-        result = evaluate(model, folder.split("validation"), stats, dev, scaling=input_scaling(state), batch_size=batch_size, crop_size=state["config"]["crop_size"],
+        if [c.wnid for c in folder.classes] != [c["wnid"] for c in trained.classes]:
+            raise ContractError(f"{location}: its classes differ from the {len(trained.classes)} the model was trained on")
+        result = evaluate(model, folder.split("validation"), trained.stats, dev, scaling=trained.scaling, batch_size=batch_size, crop_size=trained.crop_size,
                           mode=mode, workers=dist.default_workers() if workers is None else workers, rank=world.rank, world_size=world.world_size)
     finally:
         dist.teardown()
-    return {"checkpoint": str(path), "shards": location, "mode": mode, "epoch": state["epoch"], **result}
+    return {**trained.origin, "shards": location, "mode": mode, "epoch": trained.epoch, **result}

@@ -5,7 +5,7 @@ Each picture goes through alexprep's own image path (prep.image.process: the sam
 mode conversion, resize to 256 x 256 and JPEG encoding) and its JPEG is decoded as the loader decodes
 a shard's, so it reaches the model exactly as a shard image would; then it is evaluated like a
 validation image (the center crop, or ten crops). The class names, pixel statistics and input scaling
-come from the checkpoint, so no shard folder is needed.
+come from the checkpoint (or the exported model), so no shard folder is needed.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from torch import nn
 
 from prep.image import SkipImage, process
 from train.augment import PixelStats, eval_views
-from train.checkpoint import input_scaling, load_model
 from train.dist import resolve_device
 from train.evaluate import autocast
 from train.loader import decode_batch
+from train.pretrained import ModelRef
 from train.stream import Sample, ShardError
 
 
@@ -65,13 +65,11 @@ def predict_images(
     return [[(classes[i], p) for p, i in zip(ps, idx)] for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
 
 
-def predict_files(path: str | Path, images: list[str | Path], *, mode: str = "center", device: str = "auto", k: int = 5) -> list[list[tuple[str, float]]]:
-    """predict_images with the model, class names and statistics of checkpoint `path`."""
-    dev = resolve_device(device)
-    model, state = load_model(path, dev)
-    stats = PixelStats.from_json(state["stats"], dev, source=f"{path}: stats")
-    names = [c["name"] for c in state["classes"]]
-    return predict_images(model, images, stats, names, dev, scaling=input_scaling(state), crop_size=state["config"]["crop_size"], mode=mode, k=k)
+def predict_files(path: str | Path | ModelRef, images: list[str | Path], *, mode: str = "center", device: str = "auto", k: int = 5) -> list[list[tuple[str, float]]]:
+    """predict_images with the model, class names and statistics of checkpoint `path` (or of an
+    exported model: a ModelRef)."""
+    ref = path if isinstance(path, ModelRef) else ModelRef(checkpoint=str(path))
+    return ref.load(resolve_device(device)).predict(images, mode=mode, k=k)
 
 
 def format_predictions(images: list[str | Path], predictions: list[list[tuple[str, float]]]) -> str:
