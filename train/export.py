@@ -249,7 +249,7 @@ def _config(state: dict, ckpt: Path, model: torch.nn.Module, dataset: dict, eval
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "inputs": {"image_size": IMAGE_SIZE, "crop_size": cfg["crop_size"], "scaling": checkpoint.input_scaling(state),
                    "value_scale": "0..1 (pixel / 255); mean, std and the PCA basis are on this scale",
-                   "mean": stats["mean"], "std": stats["std"], "eigval": stats["eigval"], "eigvec": stats["eigvec"],
+                   **stats,  # stats.json as the run read it: mean, std, cov, eigval, eigvec, image and pixel counts
                    "pictures": f"shorter side scaled to {IMAGE_SIZE} (Lanczos), central {IMAGE_SIZE} x {IMAGE_SIZE} crop, "
                                "JPEG, decoded to RGB (alexprep's own path: train.predict.load_image)"},
         "classes": state["classes"],

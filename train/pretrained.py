@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prep.contract import ContractError
 from train import checkpoint
-from train.augment import INPUT_SCALINGS, PixelStats, StatsError, eval_views
+from train.augment import INPUT_SCALINGS, PixelStats, eval_views
 from train.model import ARCHS, build_model
 
 MODEL_FORMAT = "alexnet-shards model"  # config.json's "format": the mark of an exported model
@@ -166,7 +167,7 @@ def read_config(path: Path, where: str) -> dict:
         raise ModelError(f"{where}: {CONFIG_NAME} lacks its dataset record")
     try:
         PixelStats.from_json(inputs, source=f"{where}: {CONFIG_NAME} inputs")
-    except StatsError as e:
+    except ContractError as e:
         raise ModelError(str(e)) from None
     return config
 
