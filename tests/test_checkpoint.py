@@ -99,7 +99,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     loaded = checkpoint.load(tmp_path)  # a run folder means its last.pt
     assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["config"] == state["config"]
     assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in state.items() if k != "model"}
-    assert checkpoint.config_for_resume(tmp_path, {"epochs": 5}) == TrainConfig(shards="x", epochs=5, resume=str(tmp_path / "last.pt"))
+    # the run goes on in the folder the checkpoint lies in, not in the config's "runs/train"
+    assert checkpoint.config_for_resume(tmp_path, {"epochs": 5}) == TrainConfig(shards="x", epochs=5, out=str(tmp_path),
+                                                                                 resume=str(tmp_path / "last.pt"))
 
     checkpoint.link(tmp_path / "last.pt", tmp_path / "best.pt")
     checkpoint.save({**state, "epoch": 4}, tmp_path / "last.pt")  # replaces last.pt's name only

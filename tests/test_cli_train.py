@@ -212,3 +212,28 @@ def test_bad_eval_and_predict_numbers_are_usage_errors(tmp_path):
                          (["predict", "--checkpoint", "x", str(picture), "--top", "-1"], "--top")):
         result = invoke(*args)
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and "Traceback" not in result.output
+
+
+def stamps(folder: Path) -> dict:
+    """Each file's (inode, size, mtime): a file replaced (through a temporary name) or appended to shows."""
+    return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_resuming_a_copied_run_folder_goes_on_in_the_copy(demo_shards, tmp_path):
+    """`cp -r A B; alextrain --resume B` trains B (the checkpoint's own config still names A); an --out
+    that names another folder than the one resumed is refused, naming both."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert invoke("--shards", str(demo_shards), "--out", str(a), *TINY).exit_code == 0
+    shutil.copytree(a, b)
+    before = stamps(a)
+    assert error_line(invoke("--resume", str(b), "--out", str(a), "--epochs", "2")) == (
+        f"--out {a}: --resume {b} continues the run in its own folder, {b}; to branch that run, copy {b} to {a} and resume the copy")
+    result = invoke("--resume", str(b), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == f"done: {b} (last.pt, best.pt, metrics.jsonl)"
+    assert stamps(a) == before
+    state = checkpoint.load(b)
+    assert (state["epoch"], state["global_step"], state["config"]["out"]) == (2, 4, str(b))
+    assert [r["epoch"] for r in map(json.loads, (b / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads((b / "config.json").read_text())["out"] == str(b)

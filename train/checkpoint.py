@@ -23,6 +23,9 @@ No RNG states are stored because none carry over between steps: every random dra
 aside) comes from generators seeded with (seed, epoch, step, rank) at each step (train/loop.py), so
 the data position is also the RNG position, on every rank. bf16 autocast needs no GradScaler, so there
 is no scaler state. Files are written to a temporary name and renamed.
+
+A checkpoint belongs to the run folder it lies in: `--resume` continues the run there, whatever
+folder the checkpoint's own config names (a copied folder is a run of its own).
 """
 
 from __future__ import annotations
@@ -139,16 +142,21 @@ def trusted_shards(path: str | Path, shards: str | None) -> str | None:
 
 def config_for_resume(resume: str | Path, overrides: dict) -> TrainConfig:
     """The configuration of the run in `resume`, with `overrides` (options given on this command
-    line) on top; `resume` itself is recorded as the checkpoint file. A `pipe:` shard location from
-    the checkpoint is refused unless `overrides` gives the shards."""
+    line) on top; `resume` itself is recorded as the checkpoint file, and `out` is the folder the
+    checkpoint lies in (an `out` override naming another folder is refused). A `pipe:` shard
+    location from the checkpoint is refused unless `overrides` gives the shards."""
     path = resolve(resume)
+    folder = path.parent
+    if "out" in overrides and Path(overrides["out"]).resolve() != folder.resolve():
+        raise CheckpointError(f"--out {overrides['out']}: --resume {resume} continues the run in its own folder, {folder}; "
+                              f"to branch that run, copy {folder} to {overrides['out']} and resume the copy")
     try:
         config = TrainConfig.from_dict(load(path)["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: its configuration is not one this alextrain reads ({e})") from None
     if "shards" not in overrides:
         trusted_shards(path, config.shards)
-    return config.replace(**{**overrides, "resume": str(path)})
+    return config.replace(**{**overrides, "out": str(folder), "resume": str(path)})
 
 
 def load_weights(model: nn.Module, weights: dict, path: str | Path, arch: str) -> None:

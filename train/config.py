@@ -54,7 +54,8 @@ class TrainConfig:
     out: str = _opt("runs/train", "run folder for config.json, metrics.jsonl, last.pt, best.pt")
     seed: int = _opt(0, "seed for the initial weights, shard order, shuffle buffer, augmentation and dropout")
     compile: bool = _opt(False, "torch.compile the model")
-    resume: str | None = _opt(None, "continue a run: a checkpoint file, or a run folder (its last.pt)")
+    resume: str | None = _opt(None, "continue a run in its own folder: a run folder (its last.pt), or a checkpoint file in it; --out may "
+                                    "only name that folder (to branch a run, copy its folder and resume the copy)")
     crop_size: int = _opt(224, "side of the random training crop and of the evaluation crops, in pixels (at most 256)")
     lighting_std: float = _opt(0.1, "standard deviation of the PCA lighting coefficients (0 = off)")
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer (raw JPEG bytes, about 25 KB each)")
