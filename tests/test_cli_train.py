@@ -149,7 +149,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(demo_shards, tmp_p
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["start", "train_step", "epoch"]
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.json", "last.pt", "metrics.jsonl"]
 
 
 @pytest.mark.slow
@@ -178,7 +178,7 @@ def full_disk(tmp_path):
 def test_a_full_disk_or_a_file_in_the_way_is_one_line(demo_shards, tmp_path, full_disk):
     line = final_error(invoke("--shards", str(demo_shards), "--out", str(full_disk / "run"), *TINY))
     assert line == f"{full_disk / 'run'}: cannot write (No space left on device)"
-    assert sorted(p.name for p in (full_disk / "run").iterdir()) == ["config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in (full_disk / "run").iterdir()) == [".lock", "config.json", "metrics.jsonl"]
     (tmp_path / "file").write_text("")
     line = error_line(invoke("--shards", str(demo_shards), "--out", str(tmp_path / "file" / "run"), *TINY))
     assert line == f"{tmp_path / 'file' / 'run'}: cannot write (Not a directory)"
@@ -237,3 +237,33 @@ def test_resuming_a_copied_run_folder_goes_on_in_the_copy(demo_shards, tmp_path)
     assert (state["epoch"], state["global_step"], state["config"]["out"]) == (2, 4, str(b))
     assert [r["epoch"] for r in map(json.loads, (b / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"] == [1, 2]
     assert json.loads((b / "config.json").read_text())["out"] == str(b)
+
+
+@pytest.mark.slow
+def test_one_alextrain_at_a_time_writes_a_run_folder(demo_shards, tmp_path):
+    """A second alextrain on a run folder that one is training in stops with one line and touches
+    nothing; once the first is killed (its loader worker too may outlive it a moment), the folder is
+    free at once."""
+    out = tmp_path / "run"
+    args = ["--shards", str(demo_shards), "--out", str(out), *TINY]
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        first = subprocess.Popen([sys.executable, "-m", "train.cli", *args, "--steps-per-epoch", "1000", "--log-every", "1",
+                                  "--workers", "1"], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and "train_step" in (out / "metrics.jsonl").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        assert error_line(invoke(*args)) == (f"{out}: another alextrain is writing this run folder (it holds {out / '.lock'}); "
+                                             "wait for it to end, or use another --out")
+        assert first.poll() is None
+        kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert kinds[0] == "start" and set(kinds[1:]) == {"train_step"}
+    finally:
+        first.kill()
+        first.wait()
+    result = invoke(*args)  # the killed run had no checkpoint yet: this one starts it over
+    assert result.exit_code == 0, result.output
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["start", "train_step", "epoch"]

@@ -25,7 +25,7 @@ from train.stream import ShardError
 
 # Errors that mean bad input, not a bug: one line, exit status 1.
 USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, StatsError, LoaderWorkerError,
-               loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError)
+               loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError, dist.MainRankFailed)
 
 
 def train_options(command):

@@ -51,7 +51,7 @@ class TrainConfig:
     workers: int | None = _opt(None, "loader worker processes per rank that read and decode shards (0 = in the main process)  "
                                      "[default: this machine's cores shared among its ranks, less one each for training]")
     device: str = _opt("auto", "'auto' = cuda if available, else cpu", choices=DEVICES)
-    out: str = _opt("runs/train", "run folder for config.json, metrics.jsonl, last.pt, best.pt")
+    out: str = _opt("runs/train", "run folder for config.json, metrics.jsonl, last.pt, best.pt; one alextrain at a time writes it")
     seed: int = _opt(0, "seed for the initial weights, shard order, shuffle buffer, augmentation and dropout")
     compile: bool = _opt(False, "torch.compile the model")
     resume: str | None = _opt(None, "continue a run in its own folder: a run folder (its last.pt), or a checkpoint file in it; --out may "

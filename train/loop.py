@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ from train.model import INPUTS, WARMUP_STEPS, build_model
 from train.stream import ShardStream, join, open_shards, seed_for
 
 METRICS, CONFIG = checkpoint.METRICS, "config.json"
+LOCK = ".lock"  # in the run folder; the run writing the folder holds a lock on it (`lock_run_folder`)
 
 
 class RunFolderError(Exception):
@@ -140,17 +144,16 @@ def train(config: TrainConfig) -> dict:
     device = dist.resolve_device(config.device)
     world = dist.init(device.type)
     try:
-        return _train(config, world, device)
+        with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends
+            return _train(config, world, device, held)
     finally:
         dist.teardown()
 
 
-def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict:
+def _train(config: TrainConfig, world: dist.World, device: torch.device, held: contextlib.ExitStack) -> dict:
     config, device = _resolve(config, world, device)
     out = Path(config.out)
     metrics = MetricsLog(out / METRICS, world.is_main)
-    if (out / checkpoint.LAST).exists() and not config.resume:
-        raise RunFolderError(f"{out} already holds a run ({checkpoint.LAST}); continue it with --resume {out}, or pick another --out")
 
     # ---- data: the shard folder's splits, classes and pixel statistics
     shards = open_shards(config.shards)
@@ -172,24 +175,30 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     schedule = Schedule(config, base_lr, steps_per_epoch)
 
+    # ---- the run folder: rank 0 locks it for the whole run (every rank stops if it cannot)
+    lock = dist.on_main(world, device, lambda: _claim_run_folder(out, config, metrics))
+    if lock is not None:
+        held.callback(os.close, lock)
+
     # ---- where the run stands: a fresh start, or a checkpoint's weights, optimizer, schedule, data position
     at = Position(scaling=INPUTS[config.arch])
     if config.resume:
         at = _resume(config, world, device, classes, raw_model, optimizer, schedule, steps_per_epoch)
+
+    def start() -> None:
+        with _writing(out):
+            write_json(out / CONFIG, config.to_dict())
+            metrics.rewind(at.global_step, at.epoch)
+            metrics.write({"kind": "start", "time": time.time(), "global_step": at.global_step, "world_size": world.world_size,
+                           "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "resumed_from": config.resume})
+
+    dist.on_main(world, device, start)
 
     if config.compile:
         model = torch.compile(model)
     eval_model = model  # evaluation bypasses DDP: ranks see different numbers of validation batches
     if world.distributed:
         model = DistributedDataParallel(model, device_ids=[world.local_rank] if device.type == "cuda" else None)
-
-    if world.is_main:
-        with _writing(out):
-            _prepare_run_folder(out, config, metrics)
-            write_json(out / CONFIG, config.to_dict())
-            metrics.rewind(at.global_step, at.epoch)
-            metrics.write({"kind": "start", "time": time.time(), "global_step": at.global_step, "world_size": world.world_size,
-                           "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "resumed_from": config.resume})
 
     def save(name: str, epoch: int, step: int) -> None:
         """last.pt (or `name`) for continuing after step `step` of epoch `epoch` (0-based); rank 0 only."""
@@ -373,15 +382,43 @@ def _resolve(config: TrainConfig, world: dist.World, device: torch.device) -> tu
     return config.replace(device=device.type, workers=workers), device
 
 
-def _prepare_run_folder(out: Path, config: TrainConfig, metrics: MetricsLog) -> None:
-    """Make the run folder; remove what a killed save left in it (our own temporary checkpoint
-    names). A new run in a folder with metrics but no checkpoint (the caller refused one with a
-    checkpoint) replaces a run killed before its first save: there was nothing to continue."""
+def lock_run_folder(out: Path) -> int:
+    """Make the run folder `out` if need be and lock it: an exclusive POSIX lock on OUT/.lock, which
+    is this process's alone (the loader's forked workers do not inherit it) and ends with it, killed
+    or not. Returns the lock file's descriptor (closing it releases the lock). RunFolderError when
+    another process holds it."""
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale_temps(out)
-    if not config.resume and metrics.path.exists():
-        tqdm.write(f"{out}: its run stopped before its first checkpoint; starting it over")
-        metrics.path.unlink()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise RunFolderError(f"{out}: another alextrain is writing this run folder (it holds {out / LOCK}); "
+                                 "wait for it to end, or use another --out") from None
+        raise
+    return fd
+
+
+def _claim_run_folder(out: Path, config: TrainConfig, metrics: MetricsLog) -> int:
+    """Lock the run folder (`lock_run_folder`; returns the lock's descriptor) and make it ready: a new
+    run is refused where a run has a checkpoint, what a killed save left goes (our own temporary
+    checkpoint names), and a new run in a folder with metrics but no checkpoint replaces a run killed
+    before its first save (there was nothing to continue)."""
+    with _writing(out):
+        lock = lock_run_folder(out)
+    try:
+        if (out / checkpoint.LAST).exists() and not config.resume:
+            raise RunFolderError(f"{out} already holds a run ({checkpoint.LAST}); continue it with --resume {out}, or pick another --out")
+        with _writing(out):
+            checkpoint.remove_stale_temps(out)
+            if not config.resume and metrics.path.exists():
+                tqdm.write(f"{out}: its run stopped before its first checkpoint; starting it over")
+                metrics.path.unlink()
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
 
 
 def _resume(config: TrainConfig, world: dist.World, device: torch.device, classes: list[dict], model: torch.nn.Module,
