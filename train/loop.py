@@ -187,6 +187,10 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
 
     def start() -> None:
         with _writing(out):
+            # A run killed between saving last.pt and linking best.pt left best.pt behind it.
+            if config.resume and at.step == 0 and at.best_epoch == at.epoch and checkpoint.make_best(config.resume):
+                tqdm.write(f"{out / checkpoint.BEST}: made the checkpoint of epoch {at.epoch} again (its best; a run stopped "
+                           "before linking it)")
             write_json(out / CONFIG, config.to_dict())
             metrics.rewind(at.global_step, at.epoch)
             metrics.write({"kind": "start", "time": time.time(), "global_step": at.global_step, "world_size": world.world_size,
@@ -210,7 +214,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
             checkpoint.save({
                 "format": checkpoint.FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "epoch": epoch, "step": step, "global_step": at.global_step,
-                "world_size": world.world_size, "best_top1_err": at.best, "epoch_totals": at.totals.to_list(),
+                "world_size": world.world_size, "best_top1_err": at.best, "best_epoch": at.best_epoch, "epoch_totals": at.totals.to_list(),
                 "config": config.to_dict(), "classes": classes, "stats": shards.stats, "inputs": at.scaling,
             }, out / name)
 
@@ -259,7 +263,8 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
                            rank=world.rank, world_size=world.world_size)
             schedule.evaluated(val["top1_err"])
             is_best = at.best is None or val["top1_err"] < at.best
-            at.best = val["top1_err"] if is_best else at.best
+            if is_best:
+                at.best, at.best_epoch = val["top1_err"], epoch + 1
             record.update(val_top1_err=val["top1_err"], val_top5_err=val["top5_err"], val_loss=val["loss"],
                           eval_time=time.perf_counter() - eval_start, best_top1_err=at.best)
         record["time"] = time.time()  # wall clock, as in the "start" records
@@ -308,13 +313,15 @@ class EpochTotals:
 @dataclass
 class Position:
     """Where a run stands: `epoch` epochs done, `step` steps of the next, `global_step` in all; the
-    best validation top-1 error so far, the epoch's sums so far, and the model's input scaling."""
+    best validation top-1 error so far and the epoch that scored it, the epoch's sums so far, and the
+    model's input scaling."""
 
     scaling: str
     epoch: int = 0
     step: int = 0
     global_step: int = 0
     best: float | None = None
+    best_epoch: int | None = None  # 1-based; None also in checkpoints from before it was recorded
     totals: EpochTotals = dataclasses.field(default_factory=EpochTotals)
     last_finite: tuple[int, float] | None = None  # (global step, loss) of the last step with a finite loss
 
@@ -435,7 +442,8 @@ def _resume(config: TrainConfig, world: dist.World, device: torch.device, classe
                    f"{state['world_size']} x {state['config']['workers']}: the rest of this epoch's data order differs")
     return Position(scaling=checkpoint.input_scaling(state), epoch=state["epoch"],
                     step=min(state["step"], steps_per_epoch),  # in case --steps-per-epoch changed
-                    global_step=state["global_step"], best=state["best_top1_err"], totals=EpochTotals.from_list(state["epoch_totals"]))
+                    global_step=state["global_step"], best=state["best_top1_err"], best_epoch=state.get("best_epoch"),
+                    totals=EpochTotals.from_list(state["epoch_totals"]))
 
 
 @contextlib.contextmanager
