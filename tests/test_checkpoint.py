@@ -194,6 +194,9 @@ def test_resume_reads_metrics_as_report_does(tmp_path):
     path.write_bytes(whole + b"\xff{oops\n" + whole)
     with pytest.raises(MetricsError, match=r"metrics.jsonl: line 4 is not a metrics record: '\ufffd\{oops'$"):
         MetricsLog(path, enabled=True).rewind(global_step=1, epochs_done=0)
+    path.write_bytes(whole + b'{"kind": "train_step", "epoch": 1}\n' + whole)
+    with pytest.raises(MetricsError, match=r"metrics.jsonl: line 4: a train_step record without a number for global_step$"):
+        MetricsLog(path, enabled=True).rewind(global_step=1, epochs_done=0)
 
 
 class Killed(BaseException):

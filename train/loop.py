@@ -49,11 +49,13 @@ class MetricsError(Exception):
     """A metrics.jsonl line that is not a record, other than a torn last line; the message names it."""
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, needs: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
     """The records of a metrics.jsonl, in order. A killed run may leave its last line torn (no newline
     at the end, any bytes before it): that line is left out unless it is a whole record. Every other
-    line that is not blank must be a record (a JSON object with a "kind"), else MetricsError names it.
-    Resume (`MetricsLog.rewind`) and `alextrain report` both read the file through this."""
+    line that is not blank must be a record (a JSON object with a "kind"), and a record of a kind in
+    `needs` must hold a number in each field listed there (the fields its reader uses), else
+    MetricsError names the line. Resume (`MetricsLog.rewind`) and `alextrain report` both read the
+    file through this."""
     *lines, rest = path.read_bytes().split(b"\n")
     records = []
     for number, line in enumerate(lines + [rest], start=1):
@@ -61,15 +63,22 @@ def read_metrics(path: Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-            record["kind"]
+            kind = record["kind"]
         except (ValueError, TypeError, KeyError):  # UnicodeDecodeError is a ValueError
             if number > len(lines):
                 break
             shown = line.decode(errors="replace")
             shown = shown if len(shown) <= 60 else shown[:59] + "…"
             raise MetricsError(f"{path}: line {number} is not a metrics record: {shown!r}") from None
+        missing = [name for name in (needs or {}).get(kind, ()) if not _is_number(record.get(name))]
+        if missing:
+            raise MetricsError(f"{path}: line {number}: a {kind} record without a number for {', '.join(missing)}")
         records.append(record)
     return records
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class NonFiniteLoss(Exception):
@@ -132,7 +141,7 @@ class MetricsLog:
         resumed run's records follow on without duplicates; a torn last line goes too (`read_metrics`)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [record for record in read_metrics(self.path)
+        kept = [record for record in read_metrics(self.path, {"train_step": ("global_step",), "epoch": ("epoch",)})
                 if not (record["kind"] == "train_step" and record["global_step"] > global_step)
                 and not (record["kind"] == "epoch" and record["epoch"] > epochs_done)]
         with atomic_write(self.path, "w") as f:
