@@ -214,6 +214,30 @@ def test_bad_eval_and_predict_numbers_are_usage_errors(tmp_path):
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and "Traceback" not in result.output
 
 
+def test_values_that_cannot_work_are_one_line_and_write_nothing(demo_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    train = ["--shards", str(demo_shards), "--out", str(run), "--device", "cpu"]
+    for arch in ("alexnet", "alexnet-tv", "alexnet-bn"):  # 63 px: conv1 (11/4, pad 2) makes 15, the 3/2 max-pools 7, 3, 1
+        for crop in (1, 16, 62):
+            assert error_line(invoke(*train, "--arch", arch, "--crop-size", str(crop))) == (
+                f"crop_size must be at least 63 for --arch {arch} (a kernel of its layers is larger than a smaller input), not {crop}")
+    assert error_line(invoke(*train, "--seed", "99999999999999999999999")) == (
+        "seed must be in 0..2**64-1 (torch's seed range), not 99999999999999999999999")
+    assert error_line(invoke(*train, "--seed", "-1")) == "seed must be in 0..2**64-1 (torch's seed range), not -1"
+    for option in ("lr", "weight-decay"):
+        assert error_line(invoke(*train, f"--{option}", "1e300")) == (
+            f"{option.replace('-', '_')} must be at most 3.403e+38 (the largest float32, the weights' type), not 1e+300")
+    assert error_line(invoke(*train, "--lr", "3e38", "--lr-scaling", "linear", "--batch-size", "256", "--workers", "0")) == (
+        "lr 3e+38 x 2 (--lr-scaling linear) is beyond 3.403e+38, the largest float32 (the weights' type)")
+    # 16 workers x 4 slots x 100,000 images x 196,608 bytes = 1,258 GB: more than any machine here has
+    line = error_line(invoke(*train, "--batch-size", "100000", "--workers", "16", "--steps-per-epoch", "10"))
+    assert re.fullmatch(r"batch_size 100000: the loader's batches take 1258\.3 GB \(16 workers x 4 batches of 100000 x 196,608 bytes\), "
+                        r"more than the \d+\.\d GB of memory available here", line), line
+    assert error_line(invoke("--shards", str(demo_shards), "--out", "")) == "out must name a run folder, not an empty string"
+    assert list(tmp_path.iterdir()) == []
+
+
 def stamps(folder: Path) -> dict:
     """Each file's (inode, size, mtime): a file replaced (through a temporary name) or appended to shows."""
     return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}

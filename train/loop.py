@@ -30,10 +30,10 @@ from tqdm import tqdm
 from prep.contract import STATS_NAME, ContractError, atomic_write, write_json
 from train import checkpoint, dist
 from train.augment import PixelStats, train_views
-from train.config import PAPER_BATCH, ConfigError, TrainConfig
+from train.config import FLOAT32_MAX, PAPER_BATCH, ConfigError, TrainConfig
 from train.device_decode import DecoderUnavailable, import_nvimgcodec
 from train.evaluate import autocast, evaluate, topk_correct
-from train.loader import DeviceLoader, make_loader
+from train.loader import DeviceLoader, check_host_memory, make_loader
 from train.model import INPUTS, WARMUP_STEPS, build_model
 from train.stream import ShardStream, join, open_shards, seed_for
 
@@ -173,6 +173,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
     steps_per_epoch = config.steps_per_epoch or train_split.num_samples // global_batch
     if steps_per_epoch == 0:
         raise ConfigError(f"{train_split.num_samples} training samples make no step of {global_batch} (batch size x ranks)")
+    check_host_memory(config.batch_size, config.workers)
 
     # ---- model, optimizer and schedule: the same initial weights on every rank; the paper's SGD
     torch.manual_seed(config.seed)
@@ -181,6 +182,9 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what checkpoints hold, without DDP or compile wrappers
     base_lr = config.lr * (global_batch / PAPER_BATCH if config.lr_scaling == "linear" else 1.0)
+    if base_lr > FLOAT32_MAX:
+        raise ConfigError(f"lr {config.lr:g} x {global_batch / PAPER_BATCH:g} (--lr-scaling linear) is beyond {FLOAT32_MAX:.4g}, "
+                          "the largest float32 (the weights' type)")
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     schedule = Schedule(config, base_lr, steps_per_epoch)
 
