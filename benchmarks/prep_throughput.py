@@ -210,11 +210,11 @@ def stats_options(datas: list[bytes], repeat: int) -> dict:
     eigval_k = v_k' (E[x x'] - mean mean') v_k with v_k fixed)."""
     import numpy as np
 
-    from prep.image import process, resize_crop
+    from prep.image import jpeg_sums, process, resize_crop
     from prep.stats import PixelSums, sample_every
 
     outs = [(np.asarray(resize_crop(d).image), process(d).jpeg) for d in datas]
-    ways = {"decoded": lambda o: PixelSums.of_jpeg(o[1]), "before_encoding": lambda o: PixelSums.of_image(o[0])}
+    ways = {"decoded": lambda o: jpeg_sums(o[1]), "before_encoding": lambda o: PixelSums.of_image(o[0])}
     result = {}
     for name, fn in ways.items():
         best, total = float("inf"), PixelSums()

@@ -18,10 +18,11 @@ the statistics sample, prep/stats.py) marks it done. `stats.json` and `_info.jso
 sidecars alone.
 
 Hub files are downloaded into `.build/download/`, at most `prefetch` files at a time (the next ones
-download while the current one is processed), and deleted once read. Trial builds (`--limit`) read
-their row groups by ranged reads instead. The folder is ours only if `.build/options.json` says so: a
-non-empty folder without it is refused, and the build deletes only what it made inside `.build/`.
-An exclusive lock on `.build/lock` keeps a second build out of the same folder.
+download while the current one is processed), checked against the listing (prep/fetch.py), and
+deleted once read. Trial builds (`--limit`) read their row groups by ranged reads instead. The folder
+is ours only if `.build/options.json` says so: a non-empty folder without it is refused, and the build
+deletes only what it made inside `.build/`. An exclusive lock on `.build/lock` keeps a second build out
+of the same folder.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ from tqdm import tqdm
 from prep.contract import INFO_NAME, SCHEMA_VERSION, SPLITS, STATS_NAME, IMAGE_SIZE, shard_name
 from prep.fetch import FetchError
 from prep.image import SkipImage, pillow_flavour, process
-from prep.source import HUB_ID, Row, Source, open_source, parquet_rows
+from prep.source import HUB_ID, Source, distinct_key, open_source, parquet_rows
 from prep.stats import PixelSums, sample_every
+from prep.synthetic import MAX_PER_CLASS
 
 DEFAULT_SHARD_SIZE = 1000  # about 30 MB of 256 px q90 JPEGs; 1,282 train shards for ImageNet-1k
+MAX_SHARD_SIZE = 100_000  # a shard is put in order in memory when it completes: 2-3 GB at this size
 DEFAULT_PREFETCH = 3  # parquet files on disk at once for a Hub build (the one being read + downloads)
 BUILD_DIR = ".build"  # resume bookkeeping inside the output folder; everything in it is the build's own
 OPTIONS_NAME = "options.json"
@@ -96,12 +99,13 @@ class BuildConfig:
         object.__setattr__(self, "splits", splits)
         if self.per_class is not None:
             counts = self.per_class.values()
-            if set(self.per_class) - set(splits) or not all(isinstance(n, int) and n >= 1 for n in counts):
-                raise BuildError(f"per_class must map splits among {', '.join(splits)} to counts >= 1, "
-                                 f"got {dict(self.per_class)}")
+            if set(self.per_class) - set(splits) or not all(isinstance(n, int) and 1 <= n <= MAX_PER_CLASS
+                                                            for n in counts):
+                raise BuildError(f"per_class must map splits among {', '.join(splits)} to counts in "
+                                 f"1..{MAX_PER_CLASS}, got {dict(self.per_class)}")
             object.__setattr__(self, "per_class", {s: self.per_class[s] for s in splits if s in self.per_class})
-        for name, low, high in (("limit", 1, None), ("shard_size", 1, None), ("seed", 0, None), ("quality", 1, 100),
-                                ("stats_every", 1, None)):
+        for name, low, high in (("limit", 1, None), ("shard_size", 1, MAX_SHARD_SIZE), ("seed", 0, None),
+                                ("quality", 1, 100), ("stats_every", 1, None)):
             value = getattr(self, name)
             if name in ("limit", "stats_every") and value is None:
                 continue
@@ -340,6 +344,12 @@ def _claim_folder(out: Path, record: dict) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, links and `..` followed (neither need exist yet)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _clear(folder: Path) -> None:
@@ -598,7 +608,7 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
                 pf = store.parquet(part.name)
             unit_first_row = np.cumsum(part.units) - part.units
             for u in units:
-                table = _read_group(pf, u, store, part.name, remote=staged is None)
+                table = _read_group(pf, u, part.units[u], store.where(part.name))
                 if downloads is None:
                     meta = pf.metadata.row_group(u)
                     stats["bytes"] += sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
@@ -607,14 +617,11 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
                     r = first + n
                     if build.place[r] < 0:
                         continue
-                    if row.key in seen:
-                        row = Row(row.key, row.label, None, "duplicate key: an earlier input of this split has the "
-                                                            "same image path stem")
-                    seen.add(row.key)
-                    keys.append(row.key)
+                    key = distinct_key(row, r, seen)
+                    keys.append(key)
                     if build.finished_row(r):
                         continue
-                    tasks.append(_Task(r, row.key, row.label, row.data, row.skip, build.sampled_row(r)))
+                    tasks.append(_Task(r, key, row.label, row.data, row.skip, build.sampled_row(r)))
                     if len(tasks) == _CHUNK:
                         yield "chunk", tasks
                         tasks = []
@@ -627,16 +634,20 @@ def _tasks(build: _SplitBuild, parts: list[int], downloads: _Downloads | None, s
         yield "end", (j, keys)
 
 
-def _read_group(pf, group: int, store, name: str, remote: bool):
-    """Row group `group` of parquet file `name` as a table; FetchError (one line naming it) if it fails."""
+def _read_group(pf, group: int, rows: int, where: str):
+    """Row group `group` (of `rows` rows, as the footer read at open says) of parquet file `where` as a
+    table; FetchError (one line naming the file) if it cannot be fetched or read, or holds other rows."""
     try:
-        return pf.read_row_group(group, columns=["image", "label"])
+        table = pf.read_row_group(group, columns=["image", "label"])
+    except FetchError:  # the network's doing (prep.fetch retried it already)
+        raise
     except Exception as e:
-        if remote and store.network_error(e):
-            raise FetchError(f"reading {store.where(name)} failed ({type(e).__name__}: {_line(e)}); run the same "
-                             f"command again to continue") from None
-        raise FetchError(f"{store.where(name)}: not a readable parquet file ({_line(e)}); the build stopped "
+        raise FetchError(f"{where}: not a readable parquet file ({_line(e)}); the build stopped "
                          f"(finished shards are complete)") from None
+    if table.num_rows != rows:
+        raise FetchError(f"{where}: row group {group} holds {table.num_rows} rows where the footer read when the "
+                         f"build started says {rows}; the build stopped (finished shards are complete)")
+    return table
 
 
 def _parquet_file(path: Path, where: str):
@@ -754,23 +765,31 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
     """Build (or finish building) the shard folder `out` as `config` says; return the `_info.json` content.
 
     The source is opened (files listed, footers read) before anything is written, so a source that
-    cannot be read leaves no trace. `workers` processes (default: all CPUs) decode and encode;
-    `prefetch` parquet files of a Hub build may be on disk at once; `keep_download` moves each
-    downloaded file into that folder instead of deleting it; `progress` shows a tqdm bar per split;
-    `log` receives a few human-readable lines.
+    cannot be read, or an `out` inside the folders a local source lists its inputs from, leaves no
+    trace. `workers` processes (default: all CPUs) decode and encode; `prefetch` parquet files of a
+    Hub build may be on disk at once; `keep_download` (outside `out`) receives each downloaded file
+    instead of its deletion; `progress` shows a tqdm bar per split; `log` receives a few
+    human-readable lines.
     """
     log = log or (lambda line: None)
     workers = workers or os.cpu_count() or 1
+    out = Path(out)
     if prefetch < 1:
         raise BuildError(f"prefetch must be >= 1, got {prefetch}")
+    if keep_download is not None and _inside(Path(keep_download), out):
+        raise BuildError(f"--keep-download {keep_download}: inside --out {out}, which holds only the shards, "
+                         f"{INFO_NAME}, {STATS_NAME} and the build's own {BUILD_DIR}/; choose a folder outside it")
     source = open_source(config.source, config.splits, config.per_class)
+    for folder in source.input_dirs:
+        if _inside(out, folder):  # its files would become inputs, and a rerun would find the inputs changed
+            raise BuildError(f"--out {out}: inside {folder}, where the source's inputs are listed; "
+                             f"choose a folder outside it")
     config = replace(config, source=source.identity)  # e.g. a local path, resolved
     flavour = pillow_flavour()
     plans = {split: plan_split([u for p in source.split(split).parts for u in p.units], split, config.seed,
                                config.shard_size, config.limit) for split in config.splits}
     stats_every = config.stats_every or (sample_every(len(plans["train"].rows)) if "train" in plans else 1)
 
-    out = Path(out)
     lock = _claim_folder(out, {"options": config.to_json(), "pillow": flavour, "inputs": source.digest()})
     try:
         log(f"source {source.identity}: " + ", ".join(

@@ -25,6 +25,7 @@ INFO_NAME = "_info.json"
 STATS_NAME = "stats.json"
 SPLITS = ("train", "validation")
 IMAGE_SIZE = 256  # every sample's `jpg` is IMAGE_SIZE x IMAGE_SIZE RGB
+PIXEL_MAX = 255  # uint8 pixels; stats.json's 0..1 scale is k / PIXEL_MAX
 FIELDS = ("jpg", "cls", "json")  # the fields of every sample, besides __key__
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; put it straight back
@@ -108,8 +109,32 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_split(path: Path, split: str, entry) -> None:
-    """One split's entry of `_info.json`: shard names that stay in the folder, lengths that add up."""
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _require(path: Path, where: str, obj: dict, key: str, ok, what: str) -> None:
+    """ContractError unless `obj[key]` exists and `ok(obj[key])`; the line names the file, the place and the field."""
+    if key not in obj:
+        raise ContractError(f"{path}: {where}: `{key}` missing ({what})")
+    if not ok(obj[key]):
+        raise ContractError(f"{path}: {where}: `{key}` is not {what}: {obj[key]!r:.80}")
+
+
+# What readers take from a shard record (verify: sha256, size, num_samples; the trainer: size) and
+# from a skipped input (stats: reason): each field with its type.
+_RECORD_FIELDS = (("num_samples", _is_count, "a sample count"), ("sha256", _is_sha256, "64 lowercase hex digits"),
+                  ("size", _is_count, "a byte count"))
+_SKIPPED_FIELDS = (("key", _is_text, "a string"), ("reason", _is_text, "a string"))
+
+
+def _check_split(path: Path, split: str, entry, num_classes: int) -> None:
+    """One split's entry of `_info.json`: shard names that stay in the folder, lengths that add up,
+    and every field a reader uses, with its type."""
     if not isinstance(entry, dict):
         raise ContractError(f"{path}: split {split!r} is not an object")
     names, lengths = entry.get("filenames"), entry.get("shard_lengths")
@@ -123,6 +148,18 @@ def _check_split(path: Path, split: str, entry) -> None:
             raise ContractError(f"{path}: split {split!r} names shard {name!r}; a shard is a plain .tar file name in this folder")
     if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples"):
         raise ContractError(f"{path}: split {split!r} has inconsistent filenames/shard_lengths/num_samples")
+    for record in records:
+        for key, ok, what in _RECORD_FIELDS:
+            _require(path, f"split {split!r}, shard record {record['filename']}", record, key, ok, what)
+    where = f"split {split!r}"
+    _require(path, where, entry, "num_inputs", _is_count, "a count of inputs")
+    _require(path, where, entry, "skipped", lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
+             "a list of objects {key, reason}")
+    for i, item in enumerate(entry["skipped"]):
+        for key, ok, what in _SKIPPED_FIELDS:
+            _require(path, f"{where}, skipped input {i}", item, key, ok, what)
+    _require(path, where, entry, "class_counts", lambda v: isinstance(v, list) and len(v) == num_classes and all(_is_count(n) for n in v),
+             f"a list of {num_classes} sample counts, one per class")
 
 
 def _check_classes(path: Path, classes) -> None:
@@ -135,19 +172,22 @@ def _check_classes(path: Path, classes) -> None:
 
 
 def read_info(folder: str | os.PathLike) -> dict:
-    """Load and check `_info.json`: schema version, splits (shard names that are plain file names in
-    the folder, lengths that add up) and the class table; raise ContractError with one clear line."""
+    """Load and check `_info.json`: schema version, the class table, splits (shard names that are plain
+    file names in the folder, lengths that add up) and every field a reader takes from them, with its
+    type (shard records, skipped inputs, class counts); raise ContractError with one clear line."""
     path = Path(folder) / INFO_NAME
     info = _read_json(path, INFO_NAME)
     version = info.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ContractError(f"{path}: schema_version {version!r}, this program reads {SCHEMA_VERSION}")
+    _check_classes(path, info.get("classes"))
     splits = info.get("splits")
     if not isinstance(splits, dict):
         raise ContractError(f"{path}: `splits` {'missing' if splits is None else 'is not an object'}")
     for split, entry in splits.items():
-        _check_split(path, split, entry)
-    _check_classes(path, info.get("classes"))
+        _check_split(path, split, entry, len(info["classes"]))
+    if not isinstance(info.get("options", {}), dict):
+        raise ContractError(f"{path}: `options` is not an object: {info['options']!r:.80}")
     return info
 
 
@@ -155,24 +195,82 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_stats(folder: str | os.PathLike) -> dict:
-    """Load and check `stats.json` (mean, std, eigval, eigvec, cov on a 0..1 scale): every value a
-    finite number, every std above 0 (the trainer divides by it). ContractError with one clear line."""
-    path = Path(folder) / STATS_NAME
-    stats = _read_json(path, STATS_NAME)
+# stats.json's numbers come from 256 x 256 pixels on a 0..1 scale (k / 255, k = 0..255), so each has a
+# range it cannot leave; exactly, with n = num_pixels:
+#   mean in [0, 1];
+#   std in [sqrt(n - 1) / (255 n), 1/2]: a variance of values in [0, 1] is at most 1/4 (Popoviciu);
+#     (255 n)^2 var = n sum(k^2) - (sum k)^2 = the sum over pairs of pixels of (k_i - k_j)^2, and where
+#     not every k is the same at least n - 1 pairs differ;
+#   cov[i][i] = std[i]^2 and |cov[i][j]| <= std[i] std[j] (Cauchy-Schwarz);
+#   eigval descending, in [0, 3/4] (the covariance is positive semi-definite and its largest
+#     eigenvalue at most its trace); eigvec's columns orthonormal;
+#   num_pixels = num_images x 256 x 256, below 2**53 (where float64 still counts exactly).
+# So float32 training stays finite: 1 / std <= 255 sqrt(n) < 2.5e10, and the mean is at most 1.
+# stats.py's float64 arithmetic and LAPACK's eigh round at about 1e-15 relative to these numbers
+# (to the largest eigenvalue, for the eigenvalues and eigenvectors); _ROUNDING leaves a wide margin.
+_ROUNDING = 1e-9
+_MAX_NUM_PIXELS = 2**53
+
+
+def _stats_ranges(source: str, stats: dict) -> None:
+    """The exact ranges above, for shape-checked finite stats; ContractError naming the field."""
+    mean, std, cov, eigval, eigvec = (stats[k] for k in ("mean", "std", "cov", "eigval", "eigvec"))
+    images, pixels = stats["num_images"], stats["num_pixels"]
+    if not (images >= 1 and pixels == images * IMAGE_SIZE * IMAGE_SIZE and pixels < _MAX_NUM_PIXELS):
+        raise ContractError(f"{source}: fields 'num_images' {images} and 'num_pixels' {pixels}: num_pixels must be "
+                            f"num_images x {IMAGE_SIZE} x {IMAGE_SIZE}, from at least one image, below 2**53")
+    if not all(0 <= m <= 1 for m in mean):
+        raise ContractError(f"{source}: field 'mean' {mean} out of range: a mean of pixels on the 0..1 scale lies in [0, 1]")
+    if not all(s > 0 for s in std):
+        raise ContractError(f"{source}: std {std} has a channel without spread (std must be above 0)")
+    low = math.sqrt(pixels - 1) / (PIXEL_MAX * pixels) * (1 - _ROUNDING)
+    if not all(low <= s <= 0.5 * (1 + _ROUNDING) for s in std):
+        raise ContractError(f"{source}: field 'std' {std} out of range: a std of {pixels} pixels on the 0..1 scale "
+                            f"lies in [sqrt(num_pixels - 1) / (255 x num_pixels), 0.5] = [{low:.3g}, 0.5]")
+    for i in range(3):
+        if abs(cov[i][i] - std[i] ** 2) > std[i] ** 2 * _ROUNDING or any(
+                abs(cov[i][j]) > std[i] * std[j] * (1 + _ROUNDING) for j in range(3)):
+            raise ContractError(f"{source}: field 'cov' {cov} does not agree with 'std' {std}: cov[i][i] is std[i]^2 "
+                                f"and |cov[i][j]| at most std[i] std[j]")
+    slack = eigval[0] * _ROUNDING
+    if not (0.75 * (1 + _ROUNDING) >= eigval[0] >= eigval[1] >= eigval[2] >= -slack):
+        raise ContractError(f"{source}: field 'eigval' {eigval} out of range: the covariance's eigenvalues lie in "
+                            f"[0, 0.75], in descending order")
+    for i in range(3):
+        for j in range(3):
+            dot = sum(eigvec[k][i] * eigvec[k][j] for k in range(3))  # column i . column j
+            if abs(dot - (i == j)) > _ROUNDING:
+                raise ContractError(f"{source}: field 'eigvec' {eigvec} does not have orthonormal columns")
+
+
+def check_stats(stats, source: str) -> dict:
+    """Check the content of a `stats.json` (mean, std, cov, eigval, eigvec on a 0..1 scale, image and
+    pixel counts): every field present with its shape, a finite number, within the range pixels allow
+    (comment above). `source` names it in the error: the file, or a checkpoint's copy. Returns `stats`;
+    raises ContractError with one clear line naming the field."""
+    if not isinstance(stats, dict):
+        raise ContractError(f"{source}: {STATS_NAME} is not a JSON object")
     for key, shape in (("mean", (3,)), ("std", (3,)), ("eigval", (3,)), ("eigvec", (3, 3)), ("cov", (3, 3))):
         value = stats.get(key)
         ok = isinstance(value, list) and len(value) == shape[0]
         if ok and len(shape) == 2:
             ok = all(isinstance(row, list) and len(row) == shape[1] for row in value)
         if not ok:
-            raise ContractError(f"{path}: field {key!r} missing or not of shape {shape}")
+            raise ContractError(f"{source}: field {key!r} missing or not of shape {shape}")
         numbers = value if len(shape) == 1 else [v for row in value for v in row]
         if not all(_is_number(v) for v in numbers):
-            raise ContractError(f"{path}: field {key!r} holds a value that is not a finite number: {value}")
-    if not all(s > 0 for s in stats["std"]):
-        raise ContractError(f"{path}: std {stats['std']} has a channel without spread (std must be above 0)")
+            raise ContractError(f"{source}: field {key!r} holds a value that is not a finite number: {value}")
+    for key in ("num_images", "num_pixels"):
+        if not _is_count(stats.get(key)):
+            raise ContractError(f"{source}: field {key!r} missing or not a count: {stats.get(key)!r:.80}")
+    _stats_ranges(source, stats)
     return stats
+
+
+def read_stats(folder: str | os.PathLike) -> dict:
+    """Load `stats.json` and `check_stats` it; ContractError with one clear line."""
+    path = Path(folder) / STATS_NAME
+    return check_stats(_read_json(path, STATS_NAME), str(path))
 
 
 def sample_key(member_name: str) -> tuple[str, str]:

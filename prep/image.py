@@ -20,12 +20,14 @@ crop at offset floor((resized - size) / 2) on each axis.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import PIL
@@ -40,15 +42,26 @@ MAX_PIXELS = 89_478_485
 
 # The formats we accept, identified by content. Restricting Image.open keeps odd plugins (EPS runs
 # Ghostscript) away from untrusted bytes. The JPEG opener also yields "MPO" (a JPEG with a
-# multi-picture header, as some cameras write); both take draft mode.
+# multi-picture header, as some cameras write); both take draft mode. Shard bytes are JPEG only
+# (`open_jpeg`).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+# What Pillow's readers raise on bad bytes, and so what becomes a skip with its reason: OSError
+# (broken or truncated data), SyntaxError and ValueError (malformed headers and chunks), EOFError
+# (data that ends early), struct.error and zlib.error (the plugins' own parsing), and TypeError and
+# OverflowError (a TIFF tag of another type or size than the reader expects: a rational, a float or
+# bytes where an offset belongs, an offset beyond C's range; found by the fuzz test in
+# tests/test_image.py). Caught only around Pillow's calls on the bytes, so an error of our own code
+# still shows as the bug it is.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, TypeError, OverflowError)
 
 WHITE = (255, 255, 255)
 SUBSAMPLING = "4:2:0"  # chroma halved both ways: Pillow's default below quality 100, stated explicitly
 
 
 class SkipImage(Exception):
-    """An input that cannot become a training image; `str(e)` is the one-line reason."""
+    """An input that cannot become a training image (or shard bytes that are not a usable JPEG);
+    `str(e)` is the one-line reason."""
 
 
 @dataclass(frozen=True)
@@ -86,28 +99,64 @@ def pillow_flavour() -> str:
     return f"Pillow {PIL.__version__}"
 
 
-def _open(data: bytes) -> Image.Image:
-    """Identify the image and read its header (no pixels yet); bombs and empty sizes are refused."""
-    if not data:
-        raise SkipImage("empty file")
+@contextlib.contextmanager
+def _decoding(what: str, truncated: bool = False) -> Iterator[None]:
+    """Around Pillow's calls on untrusted bytes: what a reader raises on bad bytes (DECODE_ERRORS, a
+    bomb) becomes SkipImage with a one-line reason, `what: the reader's words`; with `truncated`, an
+    OSError about truncation is "truncated image" (what decoding pixels says of a file cut short)."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns between 1x and 2x its limit and raises above; we apply our own limit below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
+        yield
     except Image.DecompressionBombError as e:
         raise SkipImage(f"decompression bomb: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise SkipImage("not an image: unidentified format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # A recognised signature with a broken header.
-        raise SkipImage(f"not an image: {e}") from None
-    # Pillow itself refuses zero-sized headers ("not identified"), so they arrive here as "not an image".
+    except DECODE_ERRORS as e:
+        if truncated and isinstance(e, OSError) and "truncated" in str(e):
+            raise SkipImage("truncated image") from None
+        raise SkipImage(f"{what}: {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def _open(data: bytes, formats: tuple[str, ...] = FORMATS, unknown: str = "not an image: unidentified format",
+          broken: str = "not an image") -> Image.Image:
+    """Identify the image among `formats` and read its header (no pixels yet); bombs and empty sizes
+    are refused. The reason is `unknown` where the content is none of `formats`, `broken: ...` where
+    its header does not parse."""
+    if not data:
+        raise SkipImage("empty file")
+    with _decoding(broken), warnings.catch_warnings():
+        # Pillow warns between 1x and 2x its limit and raises above; we apply our own limit below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=formats)
+        except Image.UnidentifiedImageError:
+            raise SkipImage(unknown) from None
+    # Pillow itself refuses zero-sized headers ("not identified"), so they arrive here as `unknown`.
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
         raise SkipImage(f"decompression bomb: {w}x{h} = {w * h} pixels > {MAX_PIXELS}")
     return im
+
+
+def open_jpeg(data: bytes) -> Image.Image:
+    """Decode shard bytes as a JPEG with Pillow's JPEG reader alone, whatever the bytes are: no other
+    decoder can be reached from a shard (EPS would run Ghostscript, and every other plugin is code
+    that shard bytes have no business reaching). Returns the loaded image (format "JPEG" or "MPO");
+    raises SkipImage: "not a JPEG", or what the decoder said."""
+    im = _open(data, ("JPEG",), unknown="not a JPEG", broken="unreadable JPEG")
+    try:
+        with _decoding("unreadable JPEG", truncated=True):
+            im.load()
+    except SkipImage:
+        im.close()
+        raise
+    return im
+
+
+def jpeg_sums(jpeg: bytes) -> PixelSums:
+    """The pixel sums of a JPEG's decoded RGB pixels (the pixels a reader of the shards sees)."""
+    with open_jpeg(jpeg) as im:
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        # One contiguous plane per channel straight from Pillow: no (H, W, 3) transpose.
+        return PixelSums.of_planes(np.stack([np.asarray(band) for band in rgb.split()]))
 
 
 def _reference_box(w: int, h: int, size: int) -> tuple[float, float, float, float]:
@@ -170,14 +219,8 @@ def resize_crop(data: bytes, size: int = 256) -> Resized:
             scale = 1 if drafted is None else round(w / drafted[1][2])
         else:
             scale = 1
-        try:
+        with _decoding("unreadable image", truncated=True):
             im.load()
-        except OSError as e:
-            if "truncated" in str(e):
-                raise SkipImage("truncated image") from None
-            raise SkipImage(f"unreadable image: {e}") from None
-        except (SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
-            raise SkipImage(f"unreadable image: {e}") from None
         img = _to_rgb_or_l(im)
         box = tuple(c / scale for c in _reference_box(w, h, size))
         out = img.resize((size, size), Image.Resampling.LANCZOS, box=box)
@@ -200,4 +243,4 @@ def process(data: bytes, size: int = 256, quality: int = 90, sums: bool = False)
     buf = io.BytesIO()
     r.image.save(buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING, optimize=False, progressive=False)
     jpeg = buf.getvalue()
-    return Processed(jpeg, r.width, r.height, r.mode, r.format, PixelSums.of_jpeg(jpeg) if sums else None)
+    return Processed(jpeg, r.width, r.height, r.mode, r.format, jpeg_sums(jpeg) if sums else None)

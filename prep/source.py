@@ -55,6 +55,7 @@ class Row(NamedTuple):
     label: int
     data: bytes | None
     skip: str | None = None  # the row cannot become a sample, and why
+    path: str | None = None  # parquet rows: the image path the key comes from (see distinct_key)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Source:
     classes: list[ClassInfo]
     splits: dict[str, Split]
     store: object | None = None  # prep.fetch store of a parquet source (local folder or Hub repo)
+    input_dirs: tuple[Path, ...] = ()  # local folders whose listings decide the inputs (a build must not write there)
 
     def split(self, name: str) -> Split:
         return self.splits[name]
@@ -138,7 +140,8 @@ def open_source(spec: str, splits: tuple[str, ...] = SPLITS, per_class: Mapping[
             from prep.fetch import LocalStore
 
             root = path.resolve()
-            return _open_parquet(LocalStore(root), f"parquet:{root}", root.name, splits, f"--source {root}")
+            return _open_parquet(LocalStore(root), f"parquet:{root}", root.name, splits, f"--source {root}",
+                                 (root / "data",))
         return _open_tree(path.resolve(), splits)
     if path.exists():
         raise SourceError(f"--source {spec}: not a folder")
@@ -152,6 +155,28 @@ def open_source(spec: str, splits: tuple[str, ...] = SPLITS, per_class: Mapping[
 def safe_key(text: str) -> str:
     """`text` with every character other than letters, digits, "_" and "-" replaced by "_"."""
     return _UNSAFE_KEY_CHARS.sub("_", text)
+
+
+def _qualified_key(path: PurePath) -> str:
+    """The key of an input whose stem another input shares: its folder's name and its file name."""
+    return safe_key(f"{path.parent.name}_{path.name}" if path.parent.name else path.name)
+
+
+def distinct_key(row: Row, number: int, seen: set[str]) -> str:
+    """A key for parquet `row` (row `number` of its split) that no earlier input in `seen` has; added to `seen`.
+
+    Its own key where that is new, so an input that collides with none keeps the key it always had;
+    else qualified as the folder-tree source qualifies colliding names (`class217/image_0001.jpg` ->
+    `class217_image_0001_jpg`), then by the row number until new. It depends only on the keys before
+    it, which a build journals, so a resumed build gives every row the same key.
+    """
+    key = row.key
+    if key in seen:
+        key = _qualified_key(PurePath(row.path)) if row.path else key
+        while key in seen:
+            key = f"{key}_{number}"
+    seen.add(key)
+    return key
 
 
 def _sorted_items(keys: list[str], fallback: list[str], labels: list[int], where: str) -> tuple[list[Item], list[int]]:
@@ -232,12 +257,12 @@ def _open_tree(root: Path, splits: tuple[str, ...]) -> Source:
         paths = [p for d in dirs for p in visible(d) if p.is_file()]
         labels = [index[p.parent.name] for p in paths]
         keys = [safe_key(p.stem) for p in paths]
-        fallback = [safe_key(f"{p.parent.name}_{p.name}") for p in paths]
+        fallback = [_qualified_key(p) for p in paths]
         items, order = _sorted_items(keys, fallback, labels, str(split_dirs[split]))
         ordered = [paths[i] for i in order]
         readers[split] = _listed_split(split, items, lambda i, ordered=ordered: ordered[i].read_bytes())
     _require(readers, splits, f"--source {root}")
-    return Source(f"folder:{root}", root.name, classes, readers)
+    return Source(f"folder:{root}", root.name, classes, readers, input_dirs=tuple(split_dirs.values()))
 
 
 def _is_imagenet(names: list[str], canonical: list[ClassInfo]) -> bool:
@@ -264,8 +289,11 @@ def _label_names(schema, where: str) -> list[str]:
     return list(features["label"].names)
 
 
-def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], where: str) -> Source:
+def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], where: str,
+                  input_dirs: tuple[Path, ...] = ()) -> Source:
     """`data/{split}-*.parquet` files of `store` (prep.fetch), described from their footers alone."""
+    from prep.fetch import row_groups
+
     names = None
     readers = {}
     for split in splits:
@@ -280,22 +308,25 @@ def _open_parquet(store, identity: str, name: str, splits: tuple[str, ...], wher
             if names is not None and file_names != names:
                 raise SourceError(f"{where}: {path} has other class names than {files[0][0]}")
             names = file_names
-            parts.append(Part(path, tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)), size))
+            parts.append(Part(path, row_groups(meta), size))
         readers[split] = Split(split, parts)
+    if not names:
+        raise SourceError(f"{where}: the 'label' ClassLabel has no class names; a source needs at least one class")
     canonical = imagenet_classes()
     if _is_imagenet(names, canonical):
         classes = canonical
     else:
         classes = [ClassInfo(i, n, n) for i, n in enumerate(names)]
     _require(readers, splits, where)
-    return Source(identity, name, classes, readers, store)
+    return Source(identity, name, classes, readers, store, input_dirs)
 
 
 def parquet_rows(table, split: str, first_row: int, num_classes: int) -> Iterator[Row]:
     """Rows of a pyarrow table with columns image {bytes, path} and label; `first_row`: row number of its first row.
 
-    The key is the safe stem of image.path, or `{split}_{row:08d}` where the path is missing. A row
-    without embedded bytes is skipped: a path alone would point at a file on somebody else's disk.
+    The key is the safe stem of image.path, or `{split}_{row:08d}` where the path is missing (a build
+    makes keys that collide distinct with `distinct_key`). A row without embedded bytes is skipped: a
+    path alone would point at a file on somebody else's disk.
     """
     image = table.column("image").combine_chunks()
     datas = image.field("bytes").to_pylist()
@@ -306,8 +337,8 @@ def parquet_rows(table, split: str, first_row: int, num_classes: int) -> Iterato
         key = safe_key(PurePath(path).stem) if path else ""
         key = key or f"{split}_{row:08d}"
         if label is None or not 0 <= label < num_classes:
-            yield Row(key, -1, None, f"label {label!r} is not a class index")
+            yield Row(key, -1, None, f"label {label!r} is not a class index", path)
         elif not data:
-            yield Row(key, label, None, "no image bytes in the row")
+            yield Row(key, label, None, "no image bytes in the row", path)
         else:
-            yield Row(key, label, data)
+            yield Row(key, label, data, None, path)

@@ -27,18 +27,15 @@ largest-magnitude component is positive (the first such component on a tie). PCA
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from prep.contract import SCHEMA_VERSION
+from prep.contract import PIXEL_MAX, SCHEMA_VERSION
 
-PIXEL_MAX = 255  # uint8 pixels; stats.json is on a 0..1 scale
 MIN_SAMPLE = 100_000  # train images a sampled split's statistics come from, at least
 MAX_EVERY = 8  # the sparsest sample: 1 train image in 8
-_CHUNK = 256  # pixels per float32 partial sum in PixelSums._of_planes
+_CHUNK = 256  # pixels per float32 partial sum in PixelSums.of_planes
 
 
 def sample_every(num_train: int) -> int:
@@ -60,19 +57,11 @@ class PixelSums:
         """The sums of one (H, W, 3) uint8 RGB image."""
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
-        return cls._of_planes(np.moveaxis(pixels, 2, 0))
+        return cls.of_planes(np.moveaxis(pixels, 2, 0))
 
     @classmethod
-    def of_jpeg(cls, data: bytes) -> PixelSums:
-        """The sums of an encoded image's decoded RGB pixels."""
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            # One contiguous plane per channel straight from Pillow: no (H, W, 3) transpose.
-            return cls._of_planes(np.stack([np.asarray(band) for band in rgb.split()]))
-
-    @classmethod
-    def _of_planes(cls, planes: np.ndarray) -> PixelSums:
-        """The sums of (3, H, W) uint8 channel planes."""
+    def of_planes(cls, planes: np.ndarray) -> PixelSums:
+        """The sums of (3, H, W) uint8 channel planes (prep.image.jpeg_sums: of a JPEG's decoded pixels)."""
         n = planes.shape[1] * planes.shape[2]
         # (3, chunks, _CHUNK) float32, zero-padded (zeros add nothing). float32 is exact here: a product
         # is at most 255**2 and a chunk's sum of products at most 255**2 * _CHUNK < 2**24; the chunk

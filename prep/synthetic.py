@@ -42,6 +42,7 @@ DEFAULT_PER_CLASS = {"train": 100, "validation": 20}
 
 _RENDER_SCALE = 4  # patterns are drawn at 1/4 size and upscaled: keeps generation at a few ms
 _ID_SPACE = 1_000_000  # train keys take sparse ids from this range, like ImageNet's n01440764_10026
+MAX_PER_CLASS = _ID_SPACE  # images per class at most: a class's train ids are drawn from _ID_SPACE without repeats
 
 
 def _rng_for(key: str) -> np.random.Generator:

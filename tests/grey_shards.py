@@ -32,8 +32,9 @@ def write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> None:
                 tar.addfile(member, io.BytesIO(data))
 
 
-def write_folder(folder: Path, train_lengths=(7, 3, 5, 6, 4), val_lengths=(4, 5, 2), jpeg=jpeg_of) -> Path:
-    """A contract shard folder: sample i of a split has label i, key f"{split}_{i:05d}" and JPEG jpeg(i)."""
+def write_folder(folder: Path, train_lengths=(7, 3, 5, 6, 4), val_lengths=(4, 5, 2), jpeg=jpeg_of, num_classes: int | None = None) -> Path:
+    """A contract shard folder: sample i of a split has label i, key f"{split}_{i:05d}" and JPEG jpeg(i).
+    The class table has a class per label, or `num_classes` (fewer: labels beyond it lie outside the table)."""
     folder.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, lengths in (("train", train_lengths), ("validation", val_lengths)):
@@ -47,7 +48,10 @@ def write_folder(folder: Path, train_lengths=(7, 3, 5, 6, 4), val_lengths=(4, 5,
             first += n
         splits[split] = {"name": split, "filenames": names, "shard_lengths": list(lengths), "num_samples": first,
                          "num_inputs": first, "shards": shards, "skipped": []}
-    classes = [{"index": i, "wnid": f"syn{i:05d}", "name": f"class {i}"} for i in range(max(sum(train_lengths), sum(val_lengths)))]
+    num_classes = num_classes or max(sum(train_lengths), sum(val_lengths))
+    for entry in splits.values():
+        entry["class_counts"] = [int(i < entry["num_samples"]) for i in range(num_classes)]  # one sample per label
+    classes = [{"index": i, "wnid": f"syn{i:05d}", "name": f"class {i}"} for i in range(num_classes)]
     info = {"name": "test", "schema_version": 1, "splits": splits, "classes": classes, "options": {}, "pillow": "test"}
     (folder / "_info.json").write_text(json.dumps(info))
     stats = {"schema_version": 1, "split": "train", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],

@@ -19,8 +19,15 @@ sha256, `X-Linked-Etag`, `X-Linked-Size`), others as plain git files (ETag = git
 redirects and no Xet headers, so the client downloads over plain HTTP even with `hf_xet` installed.
 
 For benchmarks and failure tests it has a whole-server bandwidth limit (`bandwidth`, bytes/s of file
-content), fault injection (`drop(path, after_bytes, times)`: the next GETs of a file send that many body
-bytes and then close the connection) and accounting (`sent[path]`, `total_sent`, `requests`).
+content), accounting (`sent[path]`, `total_sent`, `requests`) and fault injection, each for the next
+`times` GETs of one file:
+- `drop(path, after_bytes, times)`: send that many body bytes, then close the connection;
+- `trickle(path, slow_bytes, every_s, times)`: send the first `slow_bytes` body bytes one at a time,
+  `every_s` seconds apart (the rest at full speed);
+- `rate_limit(path, retry_after, times)`: answer 429 with `Retry-After: retry_after`;
+- `serve_instead(path, data, times)`: for the next `times` requests, HEAD or GET, the file is `data`
+  (its bytes, size and hashes in the headers) while the listing still shows the repo's file, as a
+  file that changed between listing and download.
 
 How tests select it: `huggingface_hub` reads `HF_ENDPOINT` and `HF_HOME` when it is imported, so
 tests/conftest.py binds the server's socket and sets `HF_ENDPOINT`, `HF_HOME` (a temporary folder: no
@@ -87,9 +94,12 @@ def _git_blob_sha1(data: bytes) -> str:
 
 
 def _entry(path: Path) -> _Entry:
-    data = path.read_bytes()
+    return _entry_of(path.read_bytes(), lfs=path.suffix == ".parquet")
+
+
+def _entry_of(data: bytes, lfs: bool) -> _Entry:
     sha256 = hashlib.sha256(data).hexdigest()
-    if path.suffix != ".parquet":
+    if not lfs:
         return _Entry(len(data), sha256, _git_blob_sha1(data), None)
     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
     return _Entry(len(data), sha256, _git_blob_sha1(pointer), len(pointer))
@@ -141,7 +151,7 @@ class HubStub:
         self._pacer = _Pacer(bandwidth)
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, int, int], _Entry] = {}  # (path, size, mtime_ns) -> entry
-        self._drops: dict[str, list[int]] = {}  # repo path -> [after_bytes, times left]
+        self._faults: dict[tuple[str, str], list] = {}  # (fault, repo path) -> [its argument, times left]
         self.sent: dict[str, int] = {}
         self.requests: list[Request] = []
         self._server = ThreadingHTTPServer((host, port), _Handler)
@@ -199,13 +209,6 @@ class HubStub:
             raise ValueError(f"bandwidth must be > 0 bytes/s or None, got {rate}")
         self._pacer.rate = rate
 
-    def drop(self, path: str, after_bytes: int, times: int = 1) -> None:
-        """The next `times` GETs of repo file `path` send `after_bytes` body bytes, then close the connection."""
-        if after_bytes < 0 or times < 1:
-            raise ValueError(f"need after_bytes >= 0 and times >= 1, got {after_bytes}, {times}")
-        with self._lock:
-            self._drops[path] = [after_bytes, times]
-
     @property
     def total_sent(self) -> int:
         """Bytes of file content sent, all files."""
@@ -213,13 +216,53 @@ class HubStub:
             return sum(self.sent.values())
 
     def reset(self) -> None:
-        """Forget accounting and pending drops; no bandwidth limit; the default page size."""
+        """Forget accounting and pending faults; no bandwidth limit; the default page size."""
         with self._lock:
             self.sent = {}
             self.requests = []
-            self._drops = {}
+            self._faults = {}
         self.bandwidth = None
         self.page_size = TREE_PAGE_SIZE
+
+    # --- faults: each for the next `times` GETs of one repo file ------------------------------------
+
+    def drop(self, path: str, after_bytes: int, times: int = 1) -> None:
+        """The next `times` GETs of repo file `path` send `after_bytes` body bytes, then close the connection."""
+        if after_bytes < 0:
+            raise ValueError(f"need after_bytes >= 0, got {after_bytes}")
+        self._arm("drop", path, after_bytes, times)
+
+    def trickle(self, path: str, slow_bytes: int, every_s: float, times: int = 1) -> None:
+        """The next `times` GETs of `path` send their first `slow_bytes` body bytes one every `every_s` seconds."""
+        if slow_bytes < 1 or every_s <= 0:
+            raise ValueError(f"need slow_bytes >= 1 and every_s > 0, got {slow_bytes}, {every_s}")
+        self._arm("trickle", path, (slow_bytes, every_s), times)
+
+    def rate_limit(self, path: str, retry_after: int, times: int = 1) -> None:
+        """The next `times` GETs of `path` are answered 429 Too Many Requests with `Retry-After: retry_after`."""
+        self._arm("rate_limit", path, retry_after, times)
+
+    def serve_instead(self, path: str, data: bytes, times: int = 1) -> None:
+        """The next `times` requests (HEAD or GET) of `path` find `data` there (bytes, size, hashes); the
+        listing still shows the repo's file."""
+        self._arm("serve_instead", path, bytes(data), times)
+
+    def _arm(self, fault: str, path: str, argument, times: int) -> None:
+        if times < 1:
+            raise ValueError(f"need times >= 1, got {times}")
+        with self._lock:
+            self._faults[(fault, path)] = [argument, times]
+
+    def _take(self, fault: str, path: str):
+        """The argument of a pending `fault` of `path` (one use of it), or None."""
+        with self._lock:
+            pending = self._faults.get((fault, path))
+            if pending is None:
+                return None
+            pending[1] -= 1
+            if pending[1] == 0:
+                del self._faults[(fault, path)]
+            return pending[0]
 
     # --- the repo -----------------------------------------------------------------------------------
 
@@ -239,16 +282,6 @@ class HubStub:
                 entry = self._entries[key] = _entry(path)
             found[rel] = entry
         return found
-
-    def _take_drop(self, path: str) -> int | None:
-        with self._lock:
-            pending = self._drops.get(path)
-            if pending is None:
-                return None
-            pending[1] -= 1
-            if pending[1] == 0:
-                del self._drops[path]
-            return pending[0]
 
     def _count(self, path: str, n: int) -> None:
         with self._lock:
@@ -455,6 +488,12 @@ class _Handler(BaseHTTPRequestHandler):
         entry = files.get(path)
         if entry is None:
             raise _HubError(404, "EntryNotFound", f"{path} does not exist on \"{revision}\"")
+        retry_after = self.hub._take("rate_limit", path) if method == "GET" else None
+        if retry_after is not None:
+            raise _HubError(429, None, "Too Many Requests", {"Retry-After": str(retry_after)})
+        content = self.hub._take("serve_instead", path)
+        if content is not None:
+            entry = _entry_of(content, entry.lfs_pointer_size is not None)
         headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{entry.etag}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         if entry.lfs_pointer_size is not None:
@@ -470,19 +509,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if method == "GET":
-            self._send_file(path, start, end)
+            self._send_file(path, start, end, content)
 
-    def _send_file(self, path: str, start: int, end: int) -> None:
-        """Body bytes [start, end) of repo file `path`, paced and counted; a pending drop cuts it short."""
+    def _send_file(self, path: str, start: int, end: int, content: bytes | None = None) -> None:
+        """Body bytes [start, end) of repo file `path` (or of `content` served in its place), paced and
+        counted; a pending drop cuts it short, a pending trickle slows its start."""
         hub = self.hub
-        cut = hub._take_drop(path)
+        cut = hub._take("drop", path)
+        slow_bytes, every_s = hub._take("trickle", path) or (0, 0.0)
         stop = end if cut is None else min(end, start + cut)
         chunk = _CHUNK if not hub.bandwidth else max(1024, min(_CHUNK, int(hub.bandwidth / 20)))
-        with open(hub.root / path, "rb") as f:
+        with (open(hub.root / path, "rb") if content is None else io.BytesIO(content)) as f:
             f.seek(start)
             pos = start
             while pos < stop:
-                data = f.read(min(chunk, stop - pos))
+                slow = pos - start < slow_bytes
+                if slow:
+                    time.sleep(every_s)
+                data = f.read(1 if slow else min(chunk, stop - pos))
                 hub._pacer.wait(len(data))
                 hub._count(path, len(data))  # before the client can have it: a test sees every byte it got
                 try:

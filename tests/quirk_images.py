@@ -61,6 +61,23 @@ def jpeg_with_size(data: bytes, width: int, height: int) -> bytes:
     return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
 
 
+def malformed_tiffs() -> dict[str, bytes]:
+    """The quirk scene as an uncompressed TIFF whose StripOffsets entry (tag 273) claims another field
+    type, as a fuzzer found them: "rational_offset" (type 5, RATIONAL: Pillow's reader gets a fraction
+    where an offset belongs, a TypeError) and "long8_offset" (type 16, LONG8: an 8-byte offset of 2**63,
+    an OverflowError)."""
+    data = encode(Image.fromarray(scene()), "TIFF")  # little-endian ("II"): IFD offset at byte 4
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    entries = [ifd + 2 + 12 * k for k in range(struct.unpack_from("<H", data, ifd)[0])]  # tag, type, count, value
+    entry = next(e for e in entries if struct.unpack_from("<H", data, e)[0] == 273)
+    pixels = struct.unpack_from("<I", data, entry + 8)[0]  # one strip: the offset of the pixel data
+    rational, long8 = bytearray(data), bytearray(data)
+    struct.pack_into("<H", rational, entry + 2, 5)  # the 8 bytes at `pixels` read as a fraction
+    struct.pack_into("<H", long8, entry + 2, 16)  # an 8-byte value no longer fits the entry: read at `pixels`
+    struct.pack_into("<Q", long8, pixels, 2**63)
+    return {"rational_offset": bytes(rational), "long8_offset": bytes(long8)}
+
+
 def write_quirk_files(folder: Path) -> dict[str, str | None]:
     """Write one file per quirk into `folder`; return {filename: None if it must convert, else a
     substring of the reason it must be skipped with}."""

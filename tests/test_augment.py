@@ -1,17 +1,24 @@
 """Batched augmentation, checked exactly on images whose pixels encode their own coordinates."""
 
+import numpy as np
 import pytest
 import torch
 
-from train.augment import PixelStats, StatsError, eval_views, lighting_alpha, lighting_offset, random_crop_flip, train_views
+from prep.contract import ContractError
+from prep.stats import PixelSums
+from train.augment import PixelStats, eval_views, lighting_alpha, lighting_offset, random_crop_flip, train_views
 
-# fb.resnet.torch's ImageNet constants (design.md), in stats.json's layout: eigvec columns are vectors.
-STATS_JSON = {
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "eigval": [0.2175, 0.0188, 0.0045],
-    "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]],
-}
+
+def photo_like_stats() -> dict:
+    """stats.json as alexprep writes it (eigvec columns are vectors), of one seeded 256x256 picture
+    whose channels share a grey level plus their own noise: like ImageNet's, a large first eigenvalue
+    along about (1, 1, 1) / sqrt(3) and two small ones."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 200, (256, 256, 1)) + rng.integers(0, 56, (256, 256, 3))
+    return PixelSums.of_image(pixels.astype(np.uint8)).stats()
+
+
+STATS_JSON = photo_like_stats()
 
 
 def pca_lighting(x, eigval, eigvec, std, generator):
@@ -104,27 +111,41 @@ def test_crop_flip_rejects_bad_input():
 def test_pixel_stats_from_json():
     s = PixelStats.from_json(STATS_JSON, "cpu")
     assert s.eigvec.shape == (3, 3) and s.eigvec.dtype == torch.float32
-    assert s.eigvec[0, 1].item() == pytest.approx(0.7192)  # row 0, column 1: component 0 of vector 1
-    with pytest.raises(StatsError, match="^pixel statistics: lacks 'eigval'$"):
+    assert s.eigvec[0, 1].item() == pytest.approx(STATS_JSON["eigvec"][0][1])  # row 0, column 1: component 0 of vector 1
+    assert s.eigval[0] > 10 * s.eigval[1] and s.eigvec[:, 0].tolist() == pytest.approx([3 ** -0.5] * 3, abs=0.01)
+    with pytest.raises(ContractError, match=r"^pixel statistics: field 'eigval' missing or not of shape \(3,\)$"):
         PixelStats.from_json({k: v for k, v in STATS_JSON.items() if k != "eigval"}, "cpu")
-    with pytest.raises(StatsError, match=r"^pixel statistics: 'std' has shape \(2,\), expected \(3,\)$"):
+    with pytest.raises(ContractError, match=r"^pixel statistics: field 'std' missing or not of shape \(3,\)$"):
         PixelStats.from_json({**STATS_JSON, "std": [1.0, 2.0]}, "cpu")
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("std", [0.229, 0.0, 0.225], "'std' must be positive in every channel, not [0.229, 0.0, 0.225]"),
-    ("std", [0.229, -0.1, 0.225], "'std' must be positive in every channel, not [0.229, -0.1, 0.225]"),
-    ("mean", [0.5, float("nan"), 0.4], "'mean' is not finite: [0.5, nan, 0.4]"),
-    ("eigval", [float("inf"), 0.1, 0.01], "'eigval' is not finite: [inf, 0.1, 0.01]"),
-    ("std", ["0.2", "x", "0.2"], "'std' is not a list of numbers: ['0.2', 'x', '0.2']"),
-    ("mean", "grey", "'mean' is not a list of numbers: grey"),
-    ("eigvec", [[1, 0, 0], [0, 1], [0, 0, 1]], "'eigvec' is not a list of numbers: [[1, 0, 0], [0, 1], [0, 0, 1]]"),
+    ("std", [0.229, 0.0, 0.225], "std [0.229, 0.0, 0.225] has a channel without spread (std must be above 0)"),
+    ("std", [0.229, -0.1, 0.225], "std [0.229, -0.1, 0.225] has a channel without spread (std must be above 0)"),
+    ("mean", [0.5, float("nan"), 0.4], "field 'mean' holds a value that is not a finite number: [0.5, nan, 0.4]"),
+    ("eigval", [float("inf"), 0.1, 0.01], "field 'eigval' holds a value that is not a finite number: [inf, 0.1, 0.01]"),
+    ("std", ["0.2", "x", "0.2"], "field 'std' holds a value that is not a finite number: ['0.2', 'x', '0.2']"),
+    ("mean", "grey", "field 'mean' missing or not of shape (3,)"),
+    ("eigvec", [[1, 0, 0], [0, 1], [0, 0, 1]], "field 'eigvec' missing or not of shape (3, 3)"),
 ])
 def test_pixel_stats_refuses_values_that_cannot_scale_inputs(key, value, message):
-    """std 0 would divide by zero, NaN or text would train on garbage: refused, naming the source."""
-    with pytest.raises(StatsError) as e:
+    """std 0 would divide by zero, NaN or text would train on garbage: refused by the contract's
+    check, one line naming the source and the field."""
+    with pytest.raises(ContractError) as e:
         PixelStats.from_json({**STATS_JSON, key: value}, source="shards/stats.json")
     assert str(e.value) == f"shards/stats.json: {message}"
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("std", [1e300, 1e300, 1e300], "'std'"),  # finite in float64, inf in float32: all-zero inputs
+    ("std", [1e-300, 0.2, 0.2], "'std'"),  # 0 in float32: inf inputs
+    ("mean", [1e300, 0.4, 0.4], "'mean'"),
+    ("eigval", [1e30, 0.01, 0.001], "'eigval'"),  # lighting offsets of 1e28
+])
+def test_pixel_stats_refuses_numbers_float32_cannot_train_on(key, value, field):
+    """Each of these trained to a "done" run at chance, to a misleading "try a lower --lr", or to garbage."""
+    with pytest.raises(ContractError, match=rf"^ckpt.pt: stats: field {field} "):
+        PixelStats.from_json({**STATS_JSON, key: value}, source="ckpt.pt: stats")
 
 
 def test_lighting_offset_is_the_formula():

@@ -78,10 +78,13 @@ def test_tar_headers_are_tarfiles_own_bytes(name):
 def test_config_rejects_bad_options():
     for kwargs, message in [({"splits": ("train", "test")}, "splits must be among"), ({"splits": ()}, "splits must be"),
                             ({"quality": 0}, "quality must be an integer in 1..100"),
-                            ({"shard_size": 0}, "shard_size must be an integer >= 1"),
+                            ({"shard_size": 0}, r"shard_size must be an integer in 1\.\.100000, got 0"),
+                            ({"shard_size": 10**20}, rf"shard_size must be an integer in 1\.\.100000, got {10**20}"),
                             ({"limit": 0}, "limit must be"), ({"seed": -1}, "seed must be"),
                             ({"stats_every": 0}, "stats_every must be an integer >= 1"),
-                            ({"per_class": {"test": 3}}, "per_class must map")]:
+                            ({"per_class": {"test": 3}}, "per_class must map"),
+                            ({"per_class": {"train": 10**20}},
+                             rf"to counts in 1\.\.1000000, got \{{'train': {10**20}\}}")]:
         with pytest.raises(BuildError, match=message):
             BuildConfig(**kwargs)
     config = BuildConfig(splits=("validation", "train", "train"), per_class={"validation": 2, "train": 3})
@@ -227,6 +230,29 @@ def test_source_error_writes_nothing(tmp_path):
     with pytest.raises(SourceError, match="no such folder"):
         build_shards(tmp_path / "out", source=str(tmp_path / "missing"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [".build", ".build/download", ".", "sub/dir"])
+def test_keep_download_inside_the_output_folder_is_refused(tmp_path, keep):
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match=rf"^--keep-download {out / keep}: inside --out {out}, which holds only the "
+                                         rf"shards, _info.json, stats.json and the build's own .build/; choose a "
+                                         rf"folder outside it$"):
+        build_shards(out, keep_download=out / keep, workers=1, **SMALL)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("inside", ["train", "train/n01440764/shards", "val/x"])
+def test_out_where_the_source_lists_its_inputs_is_refused(tmp_path, inside):
+    root = tmp_path / "ilsvrc"
+    write_quirk_files(root / "train" / "n01440764")
+    write_quirk_files(root / "val" / "n01443537")
+    before = folder_bytes(root)
+    folder = root / inside.split("/")[0]
+    with pytest.raises(BuildError, match=rf"^--out {root / inside}: inside {folder}, where the source's inputs are "
+                                         r"listed; choose a folder outside it$"):
+        build_shards(root / inside, source=str(root), workers=1)
+    assert folder_bytes(root) == before and not (root / inside / BUILD_DIR).exists()
 
 
 def test_quirks_are_converted_or_skipped_with_their_reason(tmp_path):

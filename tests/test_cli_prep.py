@@ -119,6 +119,9 @@ def test_build_shards_reports_skipped_inputs(tmp_path):
     (["--per-class", "test=3"], "per_class must map splits among train, validation"),
     (["--quality", "101"], "101 is not in the range 1<=x<=100"),
     (["--stats-every", "0"], "0 is not in the range x>=1"),
+    (["--per-class", "99999999999999999999"], "per_class must map splits among train, validation to counts in "
+                                              "1..1000000, got {'train': 99999999999999999999, 'validation': "),
+    (["--shard-size", "99999999999999999999"], "shard_size must be an integer in 1..100000, got 99999999999999999999"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, args, message):
     code, output = run("build-shards", "--out", str(tmp_path / "out"), "--source", "synthetic", *args)

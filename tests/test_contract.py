@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from grey_shards import write_folder
-from prep.contract import ContractError, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
+from prep.cli import main as alexprep
+from prep.contract import ContractError, check_stats, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
 from prep.folder_report import verify_cmd
+from prep.stats import PixelSums
+from train.cli import main as alextrain
 from train.stream import open_shards
 
 
@@ -40,6 +45,26 @@ INFO_CASES = {
     "lengths not counts": (lambda i: i["splits"]["train"].update(shard_lengths=["7", 3, 5, 6, 4]),
                            r"split 'train' needs lists `filenames` and `shard_lengths` \(sample counts\)"),
     "not an object": (lambda i: i.clear(), r"schema_version None, this program reads 1"),
+    # hand-edited fields a reader takes: each with its type, one line where it is read
+    "record without size": (lambda i: i["splits"]["train"]["shards"][1].pop("size"),
+                            r"split 'train', shard record train-000001.tar: `size` missing \(a byte count\)"),
+    "size a string": (lambda i: i["splits"]["train"]["shards"][1].update(size="2048"),
+                      r"split 'train', shard record train-000001.tar: `size` is not a byte count: '2048'"),
+    "sha256 a number": (lambda i: i["splits"]["validation"]["shards"][0].update(sha256=7),
+                        r"split 'validation', shard record validation-000000.tar: `sha256` is not 64 lowercase hex digits: 7"),
+    "record count null": (lambda i: i["splits"]["train"]["shards"][0].update(num_samples=None),
+                          r"split 'train', shard record train-000000.tar: `num_samples` is not a sample count: None"),
+    "no class_counts": (lambda i: i["splits"]["train"].pop("class_counts"),
+                        r"split 'train': `class_counts` missing \(a list of 25 sample counts, one per class\)"),
+    "class_counts short": (lambda i: i["splits"]["validation"]["class_counts"].pop(),
+                           r"split 'validation': `class_counts` is not a list of 25 sample counts, one per class: \[1, .*\]"),
+    "num_inputs a string": (lambda i: i["splits"]["train"].update(num_inputs="25"),
+                            r"split 'train': `num_inputs` is not a count of inputs: '25'"),
+    "skipped an object": (lambda i: i["splits"]["train"].update(skipped={"a": "b"}),
+                          r"split 'train': `skipped` is not a list of objects \{key, reason\}: \{'a': 'b'\}"),
+    "skip without reason": (lambda i: i["splits"]["train"].update(skipped=[{"key": "x", "reason": "empty file"}, {"key": "y"}]),
+                            r"split 'train', skipped input 1: `reason` missing \(a string\)"),
+    "options a list": (lambda i: i.update(options=["seed", 0]), r"`options` is not an object: \['seed', 0\]"),
 }
 
 
@@ -51,6 +76,20 @@ def test_a_broken_info_is_one_line(folder, case):
         read_info(folder)
     with pytest.raises(ContractError, match=rf"^{folder / '_info.json'}: {message}$"):
         open_shards(str(folder))
+
+
+@pytest.mark.parametrize("case", ["record without size", "size a string", "no class_counts"])
+def test_hand_edited_info_is_one_line_in_every_command(folder, tmp_path, case):
+    """A record without `size` was a KeyError in alextrain and `stats`, no `class_counts` one in `stats`,
+    `size` as a string a ValueError in `verify` (the command meant for damaged folders): each is one
+    line naming the file, the place and the field, in every command that reads the folder."""
+    change, message = INFO_CASES[case]
+    edit(folder, "_info.json", change)
+    line = rf"Error: {re.escape(str(folder / '_info.json'))}: {message}\n"
+    for cli, args in ((alexprep, ["stats", str(folder)]), (alexprep, ["stats", str(folder), "--plot", str(tmp_path / "x.png")]),
+                      (alexprep, ["verify", str(folder)]), (alextrain, ["--shards", str(folder), "--out", str(tmp_path / "run")])):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and re.fullmatch(line, result.output), (args, result.output)
 
 
 def test_info_that_is_not_an_object_is_one_line(folder):
@@ -94,6 +133,32 @@ STATS_CASES = {
     "eigvec null": (lambda s: s["eigvec"][1].__setitem__(2, None), r"field 'eigvec' holds a value that is not a finite number: .*"),
     "cov true": (lambda s: s["cov"][0].__setitem__(0, True), r"field 'cov' holds a value that is not a finite number: .*"),
     "eigval shape": (lambda s: s.update(eigval=[1, 2]), r"field 'eigval' missing or not of shape \(3,\)"),
+    # finite in float64, but not what pixels on a 0..1 scale can give (and not finite in float32)
+    "std 1e300": (lambda s: s.update(std=[1e300, 0.25, 0.25]), r"field 'std' \[1e\+300, 0.25, 0.25\] out of range: .*"),
+    "std 1e-300": (lambda s: s.update(std=[1e-300, 0.25, 0.25]),
+                   r"field 'std' \[1e-300, 0.25, 0.25\] out of range: a std of 720896 pixels on the 0..1 scale lies in "
+                   r"\[sqrt\(num_pixels - 1\) / \(255 x num_pixels\), 0.5\] = \[4.62e-06, 0.5\]"),
+    "std above a half": (lambda s: s.update(std=[0.51, 0.25, 0.25]), r"field 'std' \[0.51, 0.25, 0.25\] out of range: .*"),
+    "mean 1e300": (lambda s: s.update(mean=[1e300, 0.5, 0.5]),
+                   r"field 'mean' \[1e\+300, 0.5, 0.5\] out of range: a mean of pixels on the 0..1 scale lies in \[0, 1\]"),
+    "mean negative": (lambda s: s.update(mean=[0.5, -0.01, 0.5]), r"field 'mean' .* out of range: .*"),
+    "eigval 1e30": (lambda s: s.update(eigval=[1e30, 0.0625, 0.0625]),
+                    r"field 'eigval' \[1e\+30, 0.0625, 0.0625\] out of range: the covariance's eigenvalues lie in \[0, 0.75\], "
+                    r"in descending order"),
+    "eigval ascending": (lambda s: s.update(eigval=[0.01, 0.02, 0.03]), r"field 'eigval' .* out of range: .*"),
+    "eigval negative": (lambda s: s.update(eigval=[0.0625, 0.0625, -0.001]), r"field 'eigval' .* out of range: .*"),
+    "eigvec not unit": (lambda s: s["eigvec"][0].__setitem__(0, 1.001), r"field 'eigvec' \[\[1.001, 0, 0\], .*\] does not have orthonormal columns"),
+    "eigvec not orthogonal": (lambda s: s["eigvec"][0].__setitem__(1, 0.001), r"field 'eigvec' .* does not have orthonormal columns"),
+    "cov above std": (lambda s: s["cov"][0].__setitem__(1, 0.07),
+                      r"field 'cov' .* does not agree with 'std' \[0.25, 0.25, 0.25\]: cov\[i\]\[i\] is std\[i\]\^2 and "
+                      r"\|cov\[i\]\[j\]\| at most std\[i\] std\[j\]"),
+    "cov not std squared": (lambda s: s["cov"][2].__setitem__(2, 0.06), r"field 'cov' .* does not agree with 'std' .*"),
+    "pixels not per image": (lambda s: s.update(num_pixels=1000),
+                             r"fields 'num_images' 11 and 'num_pixels' 1000: num_pixels must be num_images x 256 x 256, "
+                             r"from at least one image, below 2\*\*53"),
+    "pixels beyond 2**53": (lambda s: s.update(num_images=2**40, num_pixels=2**56), r"fields 'num_images' .*"),
+    "no images": (lambda s: s.update(num_images=0, num_pixels=0), r"fields 'num_images' 0 .*"),
+    "num_pixels missing": (lambda s: s.pop("num_pixels"), r"field 'num_pixels' missing or not a count: None"),
 }
 
 
@@ -103,6 +168,33 @@ def test_broken_stats_are_one_line(folder, case):
     edit(folder, "stats.json", change)
     with pytest.raises(ContractError, match=rf"^{folder / 'stats.json'}: {message}$"):
         read_stats(folder)
+
+
+@pytest.mark.parametrize("case", ["std 1e300", "std 1e-300", "mean 1e300", "eigval 1e30"])
+def test_stats_float32_cannot_train_on_stop_alextrain_in_one_line(folder, tmp_path, case):
+    """std 1e300 trained on all-zero inputs to a "done" run at chance; std 1e-300 and mean 1e300 ended
+    in a misleading "try a lower --lr"; eigval 1e30 trained to garbage."""
+    change, message = STATS_CASES[case]
+    edit(folder, "stats.json", change)
+    result = CliRunner().invoke(alextrain, ["--shards", str(folder), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and re.fullmatch(rf"Error: {re.escape(str(folder / 'stats.json'))}: {message}\n", result.output), result.output
+
+
+def stats_of(sums: PixelSums) -> dict:
+    return check_stats(sums.stats(), "stats")
+
+
+def test_stats_at_the_edges_of_their_ranges_pass():
+    """What pixels can give, at the bounds: rounding stays inside the check's margin."""
+    grey = np.random.default_rng(0).integers(0, 256, (256, 256, 1), dtype=np.uint8).repeat(3, axis=2)
+    low = stats_of(PixelSums.of_image(grey))["eigval"]  # one direction: two eigenvalues of rounding noise
+    assert low[0] > 0.2 and abs(low[1]) < 1e-15 and abs(low[2]) < 1e-15
+    halves = np.zeros((256, 256, 3), np.uint8)
+    halves[:128] = 255
+    assert stats_of(PixelSums.of_image(halves))["std"] == [0.5, 0.5, 0.5]  # Popoviciu's bound, reached
+    n = 10**6 * 256 * 256  # a million images, all black but one pixel of level 1: the smallest spread there is
+    lone = stats_of(PixelSums(10**6, n, [1, 1, 1], [[1, 1, 1]] * 3))
+    assert lone["std"][0] == pytest.approx(np.sqrt(n - 1) / (255 * n), rel=1e-12)
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])

@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -79,14 +81,17 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> dict:
     return {"filename": path.name, "num_samples": len(samples), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
-def make_folder(root: Path) -> Path:
-    """The folder LAYOUT describes, with `_info.json` and `stats.json`, as `alexprep build-shards` writes it."""
+def make_folder(root: Path, layout: dict[str, list[list[int]]] = LAYOUT, jpgs: dict[str, bytes] | None = None) -> Path:
+    """The folder `layout` describes (labels of the samples, shard by shard), with `_info.json` and
+    `stats.json`, as `alexprep build-shards` writes it; `jpgs` replaces the `jpg` of samples by key."""
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for split, shards in LAYOUT.items():
+    for split, shards in layout.items():
         records, counts = [], [0] * len(CLASSES)
         for i, labels in enumerate(shards):
             samples = [sample(f"{split}_{i}_{j:03d}", label) for j, label in enumerate(labels)]
+            for key, fields in samples:
+                fields["jpg"] = (jpgs or {}).get(key, fields["jpg"])
             records.append(write_tar(root / shard_name(split, i), samples))
             for label in labels:
                 counts[label] += 1
@@ -180,6 +185,7 @@ def test_report_numbers_are_what_was_written(tmp_path):
 def test_even_median_keeps_its_half(tmp_path):
     folder = make_folder(tmp_path / "shards")
     edit_info(folder, lambda info: info["splits"]["train"].__setitem__("class_counts", [1, 2, 5, 6]))
+    edit_info(folder, lambda info: info["splits"]["validation"]["class_counts"].append(0))
     edit_info(folder, lambda info: info["classes"].append({"index": 3, "wnid": "syn03", "name": "grey"}))
     assert shard_report(folder)["splits"]["train"]["class_balance"] == {"min": 1, "median": 3.5, "max": 6, "empty": 0}
 
@@ -339,7 +345,7 @@ CORRUPTIONS = {
     ]),
     "not-baseline": (not_baseline, [
         "validation-000000.tar: sample validation_0_000: jpg is progressive, expected baseline",
-        "validation-000000.tar: sample validation_0_001: jpg is PNG RGB 256x256, expected JPEG RGB 256x256",
+        "validation-000000.tar: sample validation_0_001: jpg does not decode (not a JPEG)",
         "validation-000000.tar: sample validation_0_002: jpg does not decode (",
     ]),
     "inputs": (lambda f: edit_info(f, lambda i: i["splits"]["train"].update(num_inputs=13)), ["train: 13 inputs, but 9 written + 3 skipped"]),
@@ -406,3 +412,74 @@ def test_verify_refuses_stats_with_std_0(folder):
         f"{folder / STATS_NAME}: std [0.25, 0.0, 0.26] has a channel without spread (std must be above 0)",
         "verified 3 shards, 12 samples: 1 problem",
     ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard bytes reach the JPEG decoder only
+
+# A format Pillow here writes and reads back, with a mode it writes, for each but JPEG (and MPO, a JPEG).
+OTHER_FORMATS = {"BMP": "RGB", "DDS": "RGB", "DIB": "RGB", "EPS": "RGB", "GIF": "RGB", "ICO": "RGB", "IM": "RGB",
+                 "MSP": "1", "PCX": "RGB", "PNG": "RGB", "PPM": "RGB", "QOI": "RGB", "SGI": "RGB", "SPIDER": "RGB",
+                 "TGA": "RGB", "TIFF": "RGB", "WEBP": "RGB", "XBM": "1"}
+
+
+def other_format(fmt: str) -> bytes:
+    """A 16 x 16 picture as a `fmt` file."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).convert(OTHER_FORMATS[fmt]).save(buf, fmt)
+    return buf.getvalue()
+
+
+def folder_of_other_formats(root: Path) -> tuple[Path, list[str]]:
+    """A folder whose train samples hold one non-JPEG file each as `jpg` (shards of 8, so the contact
+    sheet draws them all and verify lists each); returns it and verify's expected lines."""
+    keys = {f"train_{i // 8}_{i % 8:03d}": fmt for i, fmt in enumerate(OTHER_FORMATS)}
+    labels = [i % len(CLASSES) for i in range(len(keys))]
+    layout = {"train": [labels[k : k + 8] for k in range(0, len(labels), 8)], "validation": LAYOUT["validation"]}
+    folder = make_folder(root, layout, {key: other_format(fmt) for key, fmt in keys.items()})
+    return folder, [f"train-{int(key.split('_')[1]):06d}.tar: sample {key}: jpg does not decode (not a JPEG)" for key in keys]
+
+
+def test_no_decoder_but_jpeg_reaches_shard_bytes(tmp_path, monkeypatch):
+    """An EPS (which Pillow hands to Ghostscript), a PNG, a TIFF, ... as a sample's jpg: verify says it is
+    not a JPEG and the contact sheet leaves its tile empty, and no other format's reader even looks at it."""
+    Image.init()  # every plugin registered, then each opener but JPEG's instrumented
+    reached = []
+
+    def watch(fmt, fn):
+        return lambda *args, **kwargs: reached.append(fmt) or fn(*args, **kwargs)
+
+    for fmt, (factory, accept) in list(Image.OPEN.items()):
+        if fmt != "JPEG":
+            monkeypatch.setitem(Image.OPEN, fmt, (watch(fmt, factory), accept and watch(fmt, accept)))
+    folder, expected = folder_of_other_formats(tmp_path / "shards")
+    assert verify_folder(folder) == expected
+    plot_shards(folder, tmp_path / "look.png")
+    assert reached == []
+    assert_png(tmp_path / "look.png")  # opens the PNG with every reader in reach: the watch sees it
+    assert "PNG" in reached
+
+
+def test_verify_and_plot_never_run_ghostscript(tmp_path):
+    """A jpg member replaced by an EPS file (sha256 and size fixed in _info.json) made `verify` and
+    `stats --plot` run `gs` on it. A `gs` first on PATH that leaves a mark shows whether one runs."""
+    bin_dir, mark = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {mark}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    folder = make_folder(tmp_path / "shards", jpgs={"train_0_001": other_format("EPS")})
+    alexprep = str(Path(sys.executable).with_name("alexprep"))
+    verify = subprocess.run([alexprep, "verify", str(folder), "--workers", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert not mark.exists()
+    assert (verify.returncode, verify.stdout.splitlines()) == (1, [
+        "train-000000.tar: sample train_0_001: jpg does not decode (not a JPEG)", "verified 3 shards, 12 samples: 1 problem"])
+    plot = subprocess.run([alexprep, "stats", str(folder), "--plot", str(tmp_path / "look.png")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert not mark.exists()
+    assert plot.returncode == 0, plot.stderr
+    # The mark works: Pillow left to pick the reader itself runs this `gs` on the same file.
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(other_format("EPS"))
+    subprocess.run([sys.executable, "-c", f"from PIL import Image; Image.open({str(eps)!r}).load()"], env=env, capture_output=True, timeout=60)
+    assert mark.exists()

@@ -19,11 +19,13 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 import pytest
 
-from prep.build import BUILD_DIR, DOWNLOAD_DIR, BuildError, build_shards
+from prep import fetch
+from prep.build import BUILD_DIR, DOWNLOAD_DIR, BuildConfig, BuildError, build, build_shards
 from prep.contract import INFO_NAME
 from prep.fetch import FetchError
 from prep.source import HUB_ID, SourceError
@@ -310,3 +312,169 @@ def test_a_file_gone_from_the_repo_is_one_line(hub, hub_repo, tmp_path):
     with pytest.raises(FetchError, match=rf"^{HUB_ID}: downloading data/validation-00001-of-00008.parquet: the file "
                                          r"is not there \(HTTP 404\)$"):
         store.download("data/validation-00001-of-00008.parquet", tmp_path / "staging")
+
+
+# --- a Hub that misbehaves: other bytes than listed, trickles, rate limits, drops during ranged reads ---------------
+
+VAL2 = "data/validation-00002-of-00008.parquet"
+VALIDATION = [f"data/validation-{i:05d}-of-00008.parquet" for i in range(8)]
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """prep.fetch's rules at test scale: too slow is under 5,000 bytes/s over 1 s, retries 10 ms apart."""
+    monkeypatch.setattr(fetch, "MIN_BYTES_PER_S", 5_000)
+    monkeypatch.setattr(fetch, "RATE_WINDOW_S", 1.0)
+    monkeypatch.setattr(fetch, "RETRY_WAIT_S", 0.01)
+
+
+@pytest.fixture(scope="module")
+def trial_reference(hub_repo, tmp_path_factory) -> Path:
+    """A `--limit 40` trial of the validation split, built from a local copy of the stand-in repo."""
+    out = tmp_path_factory.mktemp("local-trial") / "out"
+    build_shards(out, source=str(hub_repo[0]), splits=("validation",), limit=40, shard_size=15, workers=2)
+    return out
+
+
+def hub_validation_armed(out: Path, arm: Callable[[], None], limit: int | None = None) -> dict:
+    """A validation build from the Hub (as hub_validation, or the trial of `trial_reference` with `limit`) that
+    runs `arm` once the source is opened (files listed, footers read), before any row is fetched."""
+    config = BuildConfig(source=HUB_ID, splits=("validation",), limit=limit, shard_size=50 if limit is None else 15)
+
+    def log(line: str) -> None:
+        if line.startswith("source "):  # the first line, logged once the source is open
+            arm()
+
+    return build(out, config, workers=2, log=log)
+
+
+def within(seconds: float, call: Callable[[], object]) -> object:
+    """`call()`'s result, or a failed test if it is still running after `seconds` (a hang, not a slow run)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # handed to the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_another_files_bytes_served_twice_are_fetched_again(hub, hub_repo, validation_reference, quick_retries,
+                                                            tmp_path):
+    # The file changed between listing and download (other rows, other size) and back again.
+    other = (hub_repo[0] / "data/validation-00003-of-00008.parquet").read_bytes()
+    out = tmp_path / "out"
+    hub_validation_armed(out, lambda: hub.serve_instead(VAL2, other, times=2))
+    assert shards_and_stats(out) == shards_and_stats(validation_reference)
+    size = (hub_repo[0] / VAL2).stat().st_size
+    whole = [r for r in hub.requests if r.file == VAL2 and r.range == f"bytes=0-{size - 1}"]
+    assert len(whole) == 3  # two wrong answers, then the file
+
+
+@pytest.mark.parametrize("limit, wrong", [(None, "same size"), (None, "longer"), (40, "longer")],
+                         ids=["download-same-size", "download-longer", "trial-longer"])
+def test_bytes_other_than_listed_stop_the_build_in_one_line_and_the_rerun_finishes(
+        hub, hub_repo, validation_reference, trial_reference, quick_retries, tmp_path, limit, wrong):
+    root = hub_repo[0]
+    if wrong == "same size":  # 16 bytes changed in the middle: only the sha256 tells
+        data = bytearray((root / VAL2).read_bytes())
+        data[len(data) // 2:len(data) // 2 + 16] = b"\xff" * 16
+        faults = {VAL2: bytes(data)}
+    else:  # a longer file (a train file) in place of the last validation file, or of every one in a trial
+        longer = (root / "data/train-00000-of-00024.parquet").read_bytes()
+        faults = {path: longer for path in (VALIDATION[-1:] if limit is None else VALIDATION)}
+    out = tmp_path / "out"
+
+    def arm() -> None:
+        for path, data in faults.items():
+            hub.serve_instead(path, data, times=1000)
+
+    doing = "downloading" if limit is None else "reading"
+    why = (r"the bytes served have sha256 [0-9a-f]{16}\.\.\., the listing says [0-9a-f]{16}\.\.\."
+           if wrong == "same size" else r"the file served is [\d,]+ bytes, the listing says [\d,]+")
+    with pytest.raises(FetchError, match=rf"^{doing} {HUB_ID}/data/validation-\d{{5}}-of-00008\.parquet failed 3 "
+                                         rf"times \({why}\); run the same command again to continue$"):
+        hub_validation_armed(out, arm, limit)
+    reference = validation_reference if limit is None else trial_reference
+    for name, digest in shards_and_stats(out).items():  # whatever is under a final name is right
+        assert shards_and_stats(reference)[name] == digest
+    hub.reset()
+    hub_validation_armed(out, lambda: None, limit)
+    assert shards_and_stats(out) == shards_and_stats(reference)
+
+
+@pytest.mark.parametrize("where", ["footer", "download", "trial"])
+def test_a_trickling_hub_is_given_up_in_one_line_naming_the_file(hub, validation_reference, quick_retries, tmp_path,
+                                                                 where):
+    # 300 bytes at 50 bytes/s, then the rest at full speed: each try is too slow (under 5,000 bytes/s over 1 s).
+    paths = VALIDATION if where == "trial" else [VAL2]
+
+    def arm() -> None:
+        for path in paths:
+            hub.trickle(path, slow_bytes=300, every_s=0.02, times=1000)
+
+    out = tmp_path / "out"
+    doing = "downloading" if where == "download" else "reading"
+    message = (rf"^{doing} {HUB_ID}/data/validation-\d{{5}}-of-00008\.parquet failed 3 times \(too slow: [\d.]+ "
+               r"bytes/s over [\d.]+ s, under the 5,000 bytes/s minimum\); run the same command again to continue$")
+    if where == "footer":  # at open: nothing written
+        arm()
+        with pytest.raises(SourceError, match=message.replace(r"\d{5}", "00002")):
+            hub_validation(out)
+        assert not out.exists()
+        return
+    with pytest.raises(FetchError, match=message):
+        hub_validation_armed(out, arm, limit=40 if where == "trial" else None)
+    if where == "download":
+        hub.reset()
+        hub_validation(out)
+        assert shards_and_stats(out) == shards_and_stats(validation_reference)
+
+
+@pytest.mark.parametrize("where", ["footer", "download"])
+def test_a_rate_limit_waits_at_most_the_cap_and_says_so(hub, validation_reference, monkeypatch, caplog, tmp_path,
+                                                         where):
+    monkeypatch.setattr(fetch, "RATE_LIMIT_MAX_WAIT_S", 0.05)
+    out = tmp_path / "out"
+    if where == "footer":
+        hub.rate_limit(VAL2, retry_after=3600, times=2)
+        within(120, lambda: hub_validation(out))
+    else:
+        within(120, lambda: hub_validation_armed(out, lambda: hub.rate_limit(VAL2, retry_after=3600, times=2)))
+    assert shards_and_stats(out) == shards_and_stats(validation_reference)
+    doing = "reading" if where == "footer" else "downloading"
+    said = [r.getMessage() for r in caplog.records if r.name == "prep.fetch"]
+    assert said == [f"the Hub is rate-limiting: HTTP 429, Retry-After 3600 s; waiting 0.05 s before {doing} "
+                    f"{HUB_ID}/{VAL2} again"] * 2
+
+
+def test_a_rate_limit_is_said_on_stderr(hub, tmp_path):
+    hub.rate_limit(VAL2, retry_after=1)
+    run = subprocess.run([ALEXPREP, "build-shards", "--out", str(tmp_path / "out"), "--splits", "validation",
+                          "--limit", "30", "--shard-size", "20", "--workers", "1", "--no-progress"],
+                         env=cli_env(hub, tmp_path / "home", hub.token), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == (f"the Hub is rate-limiting: HTTP 429, Retry-After 1 s; waiting 1 s before reading "
+                          f"{HUB_ID}/{VAL2} again\n")
+
+
+def test_network_errors_in_a_trials_ranged_reads_are_named_so(hub, trial_reference, quick_retries, tmp_path):
+    def arm() -> None:
+        for path in VALIDATION:
+            hub.drop(path, after_bytes=0, times=1000)
+
+    out = tmp_path / "out"
+    with pytest.raises(FetchError, match=rf"^reading {HUB_ID}/data/validation-\d{{5}}-of-00008\.parquet failed 3 "
+                                         r"times \(\w+: .+\); run the same command again to continue$"):
+        hub_validation_armed(out, arm, limit=40)
+    hub.reset()
+    hub_validation_armed(out, lambda: None, limit=40)
+    assert shards_and_stats(out) == shards_and_stats(trial_reference)

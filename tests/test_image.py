@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import random
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import PIL
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
-from quirk_images import HEIGHT, HOLE, WIDTH, encode, jpeg_with_size, scene, write_quirk_files
+from quirk_images import HEIGHT, HOLE, WIDTH, encode, jpeg_with_size, malformed_tiffs, scene, write_quirk_files
 
-from prep.image import MAX_PIXELS, SkipImage, pillow_flavour, process, resize_crop
+from prep.image import MAX_PIXELS, SkipImage, open_jpeg, pillow_flavour, process, resize_crop
 from prep.synthetic import photo
 
 # What each convertible quirk must be detected as: (format from the content, original mode).
@@ -219,3 +222,102 @@ def test_pillow_flavour_names_the_imported_pil():
     assert flavour.startswith("pillow-simd") == (".post" in PIL.__version__)
     if flavour.startswith("pillow-simd"):
         assert importlib.metadata.version("pillow-simd") == PIL.__version__
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad bytes: a skip with its reason, never another exception
+
+
+def test_tiffs_whose_reader_raises_type_or_overflow_errors_are_skips():
+    """A TIFF tag of another type than its reader expects raised TypeError / OverflowError out of
+    process() and stopped the build at every rerun."""
+    for name, data in malformed_tiffs().items():
+        with pytest.raises(SkipImage, match="^unreadable image: "):
+            process(data)
+
+
+def fuzz_seeds() -> dict[str, bytes]:
+    """Small JPEG, PNG and TIFF files of the kinds sources hold: what the fuzz test mutates."""
+    pic = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    grey16 = pic.convert("L").convert("I;16")
+    return {
+        "jpeg": encode(pic, "JPEG", quality=75), "jpeg_progressive": encode(pic, "JPEG", progressive=True),
+        "jpeg_cmyk": encode(pic.convert("CMYK"), "JPEG"),
+        "png": encode(pic, "PNG"), "png_palette": encode(pic.convert("P"), "PNG"), "png_16": encode(grey16, "PNG"),
+        "tiff": encode(pic, "TIFF"), "tiff_grey_dpi": encode(pic.convert("L"), "TIFF", dpi=(72.5, 72.5)),
+        "tiff_cmyk": encode(pic.convert("CMYK"), "TIFF"), "tiff_1": encode(pic.convert("1"), "TIFF"),
+        "tiff_16": encode(grey16, "TIFF"),
+    }
+
+
+INTERESTING = [0, 1, 2, 3, 5, 7, 12, 16, 0x7F, 0x80, 0xFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
+
+
+def _tiff_entries(d: bytearray) -> list[int]:
+    """Byte offsets of the IFD entries (tag, type, count, value) of a little-endian TIFF, as far as they lie in `d`."""
+    try:
+        ifd = struct.unpack_from("<I", d, 4)[0]
+        return [e for e in range(ifd + 2, ifd + 2 + 12 * struct.unpack_from("<H", d, ifd)[0], 12) if e + 12 <= len(d)]
+    except struct.error:
+        return []
+
+
+def _png_chunks(d: bytearray) -> list[tuple[int, int]]:
+    """(offset, payload length) of each whole PNG chunk in `d`."""
+    chunks, i = [], 8
+    while i + 12 <= len(d) and i + 12 + (n := struct.unpack_from(">I", d, i)[0]) <= len(d):
+        chunks.append((i, n))
+        i += 12 + n
+    return chunks
+
+
+def mutate(r: random.Random, kind: str, data: bytes) -> bytes:
+    """1-3 mutations: a TIFF entry's type, count or value; a byte of a PNG chunk with its CRC made
+    right again (so the reader goes past the check); or, for any file, a byte set, bytes inserted or
+    deleted, or the end cut, mostly in the first 700 bytes where the headers are."""
+    d = bytearray(data)
+    for _ in range(r.randint(1, 3)):
+        tiff, png = (_tiff_entries(d) if kind.startswith("tiff") else []), (_png_chunks(d) if kind.startswith("png") else [])
+        if (tiff or png) and r.random() < 0.7:
+            if tiff:
+                e = r.choice(tiff)
+                field = r.choice([(e + 2, "<H", r.choice([1, 2, 3, 4, 5, 7, 10, 11, 12, 16, 99])), (e + 4, "<I", None), (e + 8, "<I", None)])
+                struct.pack_into(field[1], d, field[0], field[2] if field[2] is not None else r.choice(INTERESTING + [r.getrandbits(32)]))
+            else:
+                i, n = r.choice(png)
+                if n:
+                    d[i + 8 + r.randrange(n)] = r.choice([0, 1, 2, 3, 4, 6, 8, 16, 0x7F, 0x80, 0xFF, r.randrange(256)])
+                struct.pack_into(">I", d, i + 8 + n, zlib.crc32(bytes(d[i + 4 : i + 8 + n])))
+            continue
+        i = r.randrange(min(len(d), 700)) if r.random() < 0.8 else r.randrange(len(d))
+        op = r.random()
+        if op < 0.6:
+            d[i] = r.choice([0, 1, 0x7F, 0x80, 0xFF, r.randrange(256)])
+        elif op < 0.8:
+            d[i:i] = r.randbytes(r.randint(1, 4))
+        elif op < 0.9:
+            del d[i : i + r.randint(1, 4)]
+        else:
+            d = d[: max(1, i)]
+    return bytes(d)
+
+
+def test_fuzzed_images_process_or_skip_with_a_reason():
+    """3,000 mutated JPEG, PNG and TIFF files (fixed seed) through the build's `process` and the
+    shard readers' `open_jpeg`: each returns, or raises SkipImage with a one-line reason; no other
+    exception gets out (found this way: TypeError and OverflowError from TIFF tags)."""
+    seeds, r = fuzz_seeds(), random.Random(20)
+    outcomes = {"processed": 0, "skipped": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about some broken files; the outcome is what counts here
+        for k in range(3000):
+            kind = list(seeds)[k % len(seeds)]
+            data = mutate(r, kind, seeds[kind])
+            for read in (process, open_jpeg):
+                try:
+                    read(data)
+                    outcomes["processed"] += 1
+                except SkipImage as e:
+                    assert str(e) and "\n" not in str(e), (kind, k)
+                    outcomes["skipped"] += 1
+    assert outcomes["processed"] > 1000 and outcomes["skipped"] > 1000  # the mutations reach past the headers

@@ -10,7 +10,7 @@ from PIL import Image
 from torchcodec.decoders import decode_jpeg
 
 from prep.build import build_shards
-from quirk_images import write_quirk_files
+from quirk_images import malformed_tiffs, write_quirk_files
 from train.predict import ImageError, load_image
 
 
@@ -23,6 +23,8 @@ def built(tmp_path_factory):
     for split, wnid in (("train", "n01440764"), ("val", "n01443537")):
         folder = root / split / wnid
         write_quirk_files(folder)
+        for name, data in malformed_tiffs().items():  # TIFFs named .JPEG whose reader raises odd errors
+            (folder / f"{wnid}_{name}.JPEG").write_bytes(data)
         pictures.update({p.stem: p for p in folder.iterdir()})
     out = tmp_path_factory.mktemp("shards")
     info = build_shards(out, source=str(root), shard_size=50, workers=1)
@@ -47,6 +49,16 @@ def test_predict_sees_exactly_the_shard_image(built):
     assert 100 < gray16.mean() < 160
     rgba = load_image(pictures["n01440764_rgba"])
     assert (rgba[:, 20, 120] > 240).all()  # inside the transparent block: white
+
+
+def test_a_malformed_image_is_a_recorded_skip_in_the_build(built):
+    """A TIFF whose reader raises TypeError or OverflowError once stopped the whole build (and predict)
+    with a traceback; the build records it with its reason and goes on (predict: the next test)."""
+    _, jpegs, skipped = built
+    for wnid in ("n01440764", "n01443537"):
+        for name in malformed_tiffs():
+            assert skipped[f"{wnid}_{name}"].startswith("unreadable image: ")  # then the reader's words
+        assert f"{wnid}_rgb" in jpegs  # the rest of its folder is written
 
 
 def test_predict_refuses_what_alexprep_skips(built, tmp_path):

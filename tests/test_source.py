@@ -7,17 +7,20 @@ test_cli_prep.py, where the Hugging Face environment can be set before the libra
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from prep import synthetic
 from prep.build import build_shards
 from prep.contract import imagenet_classes
-from prep.source import Item, SourceError, open_source, parquet_rows, safe_key
+from prep.fetch import FetchError
+from prep.source import Item, Row, SourceError, distinct_key, open_source, parquet_rows, safe_key
 
 CANONICAL = imagenet_classes()
 
@@ -121,17 +124,79 @@ def test_parquet_source_builds_the_same_shards_in_forked_workers(tmp_path, hf_ca
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
-def test_parquet_duplicate_keys_bad_labels_and_missing_bytes_are_recorded_skips(tmp_path, hf_cache):
-    rows = [("x/a.JPEG", jpeg((1, 1, 1)), 0), ("y/a.JPEG", jpeg((2, 2, 2)), 0), ("b.JPEG", jpeg((3, 3, 3)), 0)]
-    write_parquet(tmp_path, "train", rows, ["only"])
-    info = build_shards(tmp_path / "out", source=str(tmp_path), splits=("train",), shard_size=8, workers=1)
+def shard_labels(out: Path, split: str) -> dict[str, int]:
+    """key -> class index of every sample in a built folder's shards of `split`."""
+    labels = {}
+    for name in sorted(out.glob(f"{split}-*.tar")):
+        with tarfile.open(name) as tar:
+            labels.update({m.name[:-4]: int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")})
+    return labels
+
+
+def test_parquet_keys_sharing_a_stem_are_qualified_bad_labels_and_missing_bytes_are_skips(tmp_path, hf_cache):
+    rows = [("x/a.JPEG", jpeg((1, 1, 1)), 0), ("y/a.JPEG", jpeg((2, 2, 2)), 1), ("b.JPEG", jpeg((3, 3, 3)), 1)]
+    write_parquet(tmp_path / "src", "train", rows, ["p", "q"])
+    info = build_shards(tmp_path / "out", source=str(tmp_path / "src"), splits=("train",), shard_size=8, workers=1)
     entry = info["splits"]["train"]
-    assert entry["num_inputs"] == 3 and entry["num_samples"] == 2
-    assert entry["skipped"] == [{"key": "a", "reason": "duplicate key: an earlier input of this split has the same "
-                                                       "image path stem"}]
+    assert (entry["num_inputs"], entry["num_samples"], entry["skipped"]) == (3, 3, [])
+    assert shard_labels(tmp_path / "out", "train") == {"a": 0, "y_a_JPEG": 1, "b": 1}
     assert [r.skip for r in parquet_rows(pa.table({
         "image": [{"bytes": None, "path": "c.JPEG"}, {"bytes": jpeg((1, 1, 1)), "path": "d.JPEG"}],
         "label": [0, -1]}), "train", 0, 1)] == ["no image bytes in the row", "label -1 is not a class index"]
+
+
+def test_distinct_key_keeps_new_keys_and_qualifies_repeats_until_new():
+    seen: set[str] = set()
+    rows = [Row("a", 0, b"", path="x/a.jpg"), Row("a", 0, b"", path="y/a.jpg"), Row("a", 0, b"", path="y/a.jpg"),
+            Row("a", 0, b"", path="a.jpg"), Row("train_00000004", 0, b""), Row("train_00000004", 0, b"")]
+    assert [distinct_key(row, n, seen) for n, row in enumerate(rows)] == [
+        "a", "y_a_jpg", "y_a_jpg_2", "a_jpg", "train_00000004", "train_00000004_5"]
+
+
+def test_caltech_style_names_are_all_written_and_keep_their_keys_across_a_resume(tmp_path, hf_cache):
+    # 4 class folders with the same file names (class0/image_0001.jpg, class1/image_0001.jpg, ...), one parquet
+    # file per class in row groups of 2: 16 distinct images, 4 distinct stems.
+    src, names = tmp_path / "src", [f"class{c}" for c in range(4)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    for c in range(4):
+        images = [{"bytes": jpeg((60 * c, 50 * i, 90)), "path": f"class{c}/image_{i:04d}.jpg"} for i in range(1, 5)]
+        (src / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": images, "label": pa.array([c] * 4, pa.int64())},
+                                schema=features.arrow_schema), src / f"data/train-{c:05d}-of-00004.parquet",
+                       row_group_size=2)
+    reference = build_shards(tmp_path / "ref", source=str(src), splits=("train",), shard_size=5, workers=1)
+    entry = reference["splits"]["train"]
+    assert (entry["num_inputs"], entry["num_samples"], entry["skipped"]) == (16, 16, [])
+    # The first input with a stem keeps it as its key (as before); later ones name their folder and file.
+    assert shard_labels(tmp_path / "ref", "train") == {
+        **{f"image_{i:04d}": 0 for i in range(1, 5)},
+        **{f"class{c}_image_{i:04d}_jpg": c for c in range(1, 4) for i in range(1, 5)}}
+
+    # Stopped by an unreadable file (class2's), then rerun once it is fixed: class2's keys are made
+    # distinct from the keys of the files read before the stop, which the build journaled.
+    path = src / "data/train-00002-of-00004.parquet"
+    good = path.read_bytes()
+    column = pq.read_metadata(path).row_group(1).column(0)
+    start = min(column.data_page_offset, column.dictionary_page_offset or column.data_page_offset)
+    path.write_bytes(good[:start] + b"\xff" * 16 + good[start + 16:])
+    with pytest.raises(FetchError, match="train-00002-of-00004.parquet: not a readable parquet file"):
+        build_shards(tmp_path / "out", source=str(src), splits=("train",), shard_size=5, workers=1)
+    path.write_bytes(good)
+    assert build_shards(tmp_path / "out", source=str(src), splits=("train",), shard_size=5, workers=1) == reference
+    for name in entry["filenames"]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def test_parquet_without_class_names_is_refused_at_open(tmp_path, hf_cache):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[])})
+    (tmp_path / "src" / "data").mkdir(parents=True)
+    table = pa.table({"image": [{"bytes": jpeg((1, 2, 3)), "path": "a.jpg"}], "label": pa.array([0], pa.int64())},
+                     schema=features.arrow_schema)
+    pq.write_table(table, tmp_path / "src/data/train-00000-of-00001.parquet")
+    with pytest.raises(SourceError, match=r"^--source .*src: the 'label' ClassLabel has no class names; a source "
+                                          r"needs at least one class$"):
+        build_shards(tmp_path / "out", source=str(tmp_path / "src"), splits=("train",))
+    assert not (tmp_path / "out").exists()
 
 
 def imagenet_label_names() -> list[str]:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from prep.build import BUILD_DIR, build_shards
 from prep.contract import read_stats
-from prep.image import process
+from prep.image import jpeg_sums, process
 from prep.stats import PixelSums, sample_every
 from prep.synthetic import photo
 
@@ -81,14 +81,14 @@ def test_bad_input_is_refused():
         PixelSums.of_image(np.zeros((4, 4), np.uint8))
 
 
-def test_of_jpeg_sums_the_decoded_pixels():
+def test_jpeg_sums_are_of_the_decoded_pixels():
     image = correlated_images(np.random.default_rng(4), 1)[0]
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=75)
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         decoded = np.asarray(im)
     assert not np.array_equal(decoded, image)  # JPEG changed the pixels; the sums follow the decoded ones
-    assert PixelSums.of_jpeg(buf.getvalue()) == PixelSums.of_image(decoded)
+    assert jpeg_sums(buf.getvalue()) == PixelSums.of_image(decoded)
 
 
 def test_sums_of_odd_sizes_and_of_grey_and_cmyk_jpegs():
@@ -100,7 +100,7 @@ def test_sums_of_odd_sizes_and_of_grey_and_cmyk_jpegs():
         Image.fromarray(image).convert(mode).save(buf, format="JPEG", quality=90)
         with Image.open(io.BytesIO(buf.getvalue())) as im:
             decoded = np.asarray(im.convert("RGB"))
-        assert PixelSums.of_jpeg(buf.getvalue()) == PixelSums.of_image(decoded), mode
+        assert jpeg_sums(buf.getvalue()) == PixelSums.of_image(decoded), mode
 
 
 def test_process_sums_are_those_of_its_jpeg_decoded():

@@ -14,14 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from prep.contract import check_stats
+
 # How pixels become model inputs, per architecture (train/model.py: INPUTS):
 #   "subtract-mean": the paper's, raw 0-255 values minus the training set's per-channel mean;
 #   "standardize":   (x / 255 - mean) / std per channel, unit variance (torchvision's convention).
 INPUT_SCALINGS = ("subtract-mean", "standardize")
-
-
-class StatsError(ValueError):
-    """Pixel statistics that cannot be used (missing, malformed, not finite, std not positive)."""
 
 
 @dataclass
@@ -35,24 +33,11 @@ class PixelStats:
 
     @classmethod
     def from_json(cls, d: dict, device: torch.device | str = "cpu", source: str = "pixel statistics") -> "PixelStats":
-        """From the content of stats.json (keys mean, std, eigval, eigvec); `source` names it in errors.
-        Raises StatsError for missing keys, wrong shapes, non-numbers, non-finite values or a std <= 0."""
-        shapes = {"mean": (3,), "std": (3,), "eigval": (3,), "eigvec": (3, 3)}
-        values = {}
-        for key, shape in shapes.items():
-            if not isinstance(d, dict) or key not in d:
-                raise StatsError(f"{source}: lacks {key!r}")
-            try:
-                values[key] = torch.tensor(d[key], dtype=torch.float64)
-            except (TypeError, ValueError, RuntimeError):
-                raise StatsError(f"{source}: {key!r} is not a list of numbers: {str(d[key])[:60]}") from None
-            if values[key].shape != shape:
-                raise StatsError(f"{source}: {key!r} has shape {tuple(values[key].shape)}, expected {shape}")
-            if not values[key].isfinite().all():
-                raise StatsError(f"{source}: {key!r} is not finite: {d[key]}")
-        if not (values["std"] > 0).all():
-            raise StatsError(f"{source}: 'std' must be positive in every channel, not {d['std']}")
-        return cls(**{k: v.to(device, torch.float32) for k, v in values.items()})
+        """From the content of stats.json, checked by the contract (prep.contract.check_stats: shapes,
+        finite values in the ranges pixels allow, so float32 stays finite); `source` names it in errors.
+        Raises ContractError with one line naming the field."""
+        check_stats(d, source)
+        return cls(**{k: torch.tensor(d[k], dtype=torch.float64).to(device, torch.float32) for k in ("mean", "std", "eigval", "eigvec")})
 
 
 def _check_batch(x: torch.Tensor, size: int) -> tuple[int, int, int]:

@@ -14,7 +14,6 @@ from click.core import ParameterSource
 
 from prep.contract import ContractError
 from train import checkpoint, dist, loop
-from train.augment import StatsError
 from train.loader import LoaderWorkerError
 from train.checkpoint import CheckpointError
 from train.config import DEVICES, ConfigError, TrainConfig
@@ -24,7 +23,7 @@ from train.predict import ImageError, format_predictions, predict_files
 from train.stream import ShardError
 
 # Errors that mean bad input, not a bug: one line, exit status 1.
-USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, StatsError, LoaderWorkerError,
+USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, LoaderWorkerError,
                loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError, dist.MainRankFailed)
 
 
