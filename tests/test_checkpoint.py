@@ -2,6 +2,8 @@
 evaluations and final weights as a run that was never interrupted (CPU, float32, the paper's model
 with dropout, so the per-step seeding of every random draw is checked too)."""
 
+import errno
+import filecmp
 import json
 import os
 import signal
@@ -17,7 +19,7 @@ from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig
 from train.evaluate import evaluate_checkpoint
-from train.loop import MetricsError, MetricsLog
+from train.loop import MetricsError, MetricsLog, train
 from train.model import build_model
 
 ALEXTRAIN = [sys.executable, "-m", "train.cli"]
@@ -99,7 +101,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     loaded = checkpoint.load(tmp_path)  # a run folder means its last.pt
     assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["config"] == state["config"]
     assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in state.items() if k != "model"}
-    assert checkpoint.config_for_resume(tmp_path, {"epochs": 5}) == TrainConfig(shards="x", epochs=5, resume=str(tmp_path / "last.pt"))
+    # the run goes on in the folder the checkpoint lies in, not in the config's "runs/train"
+    assert checkpoint.config_for_resume(tmp_path, {"epochs": 5}) == TrainConfig(shards="x", epochs=5, out=str(tmp_path),
+                                                                                 resume=str(tmp_path / "last.pt"))
 
     checkpoint.link(tmp_path / "last.pt", tmp_path / "best.pt")
     checkpoint.save({**state, "epoch": 4}, tmp_path / "last.pt")  # replaces last.pt's name only
@@ -190,3 +194,46 @@ def test_resume_reads_metrics_as_report_does(tmp_path):
     path.write_bytes(whole + b"\xff{oops\n" + whole)
     with pytest.raises(MetricsError, match=r"metrics.jsonl: line 4 is not a metrics record: '\ufffd\{oops'$"):
         MetricsLog(path, enabled=True).rewind(global_step=1, epochs_done=0)
+    path.write_bytes(whole + b'{"kind": "train_step", "epoch": 1}\n' + whole)
+    with pytest.raises(MetricsError, match=r"metrics.jsonl: line 4: a train_step record without a number for global_step$"):
+        MetricsLog(path, enabled=True).rewind(global_step=1, epochs_done=0)
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL where it is raised: nothing after it runs, nothing catches it."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_run_killed_before_linking_its_best_epoch_gets_best_pt_when_resumed(demo_shards, tmp_path, monkeypatch, hard_links):
+    """The run dies after saving epoch 2 (better than epoch 1) as last.pt, before linking it as
+    best.pt: best.pt still holds epoch 1. The next start makes best.pt epoch 2's checkpoint again: a
+    second name of last.pt, or on a file system without hard links (FAT, some network mounts) a copy."""
+    out = tmp_path / "run"
+    if not hard_links:
+        def no_hard_links(*args, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_hard_links)
+    link = checkpoint.link
+
+    def killed_at_the_second_link(source, path):
+        if (out / "best.pt").exists():
+            raise Killed
+        link(source, path)
+
+    monkeypatch.setattr(checkpoint, "link", killed_at_the_second_link)
+    # A seeded run whose epoch 2 scores better than its epoch 1 (checked below), so epoch 2 is linked.
+    with pytest.raises(Killed):
+        train(TrainConfig(shards=str(demo_shards), out=str(out), arch="alexnet-bn", crop_size=64, batch_size=32, steps_per_epoch=4,
+                          lr=0.005, epochs=2, workers=0, device="cpu"))
+    monkeypatch.setattr(checkpoint, "link", link)
+    first, second = records(out, "epoch")
+    assert second["val_top1_err"] < first["val_top1_err"] and second["best_top1_err"] == second["val_top1_err"]
+    assert checkpoint.load(out / "best.pt")["epoch"] == 1 and checkpoint.load(out)["epoch"] == 2  # stale
+
+    train(checkpoint.config_for_resume(out, {}))  # all epochs done: the start alone
+    best = checkpoint.load(out / "best.pt")
+    assert best["epoch"] == 2 and (best["best_epoch"], best["best_top1_err"]) == (2, second["val_top1_err"])
+    assert filecmp.cmp(out / "best.pt", out / "last.pt", shallow=False)
+    assert os.path.samefile(out / "best.pt", out / "last.pt") == hard_links
+    assert not list(out.glob(".tmp-*"))

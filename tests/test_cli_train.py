@@ -149,7 +149,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(demo_shards, tmp_p
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["start", "train_step", "epoch"]
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.json", "last.pt", "metrics.jsonl"]
 
 
 @pytest.mark.slow
@@ -178,7 +178,7 @@ def full_disk(tmp_path):
 def test_a_full_disk_or_a_file_in_the_way_is_one_line(demo_shards, tmp_path, full_disk):
     line = final_error(invoke("--shards", str(demo_shards), "--out", str(full_disk / "run"), *TINY))
     assert line == f"{full_disk / 'run'}: cannot write (No space left on device)"
-    assert sorted(p.name for p in (full_disk / "run").iterdir()) == ["config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in (full_disk / "run").iterdir()) == [".lock", "config.json", "metrics.jsonl"]
     (tmp_path / "file").write_text("")
     line = error_line(invoke("--shards", str(demo_shards), "--out", str(tmp_path / "file" / "run"), *TINY))
     assert line == f"{tmp_path / 'file' / 'run'}: cannot write (Not a directory)"
@@ -212,3 +212,82 @@ def test_bad_eval_and_predict_numbers_are_usage_errors(tmp_path):
                          (["predict", "--checkpoint", "x", str(picture), "--top", "-1"], "--top")):
         result = invoke(*args)
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and "Traceback" not in result.output
+
+
+def test_values_that_cannot_work_are_one_line_and_write_nothing(demo_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    train = ["--shards", str(demo_shards), "--out", str(run), "--device", "cpu"]
+    for arch in ("alexnet", "alexnet-tv", "alexnet-bn"):  # 63 px: conv1 (11/4, pad 2) makes 15, the 3/2 max-pools 7, 3, 1
+        for crop in (1, 16, 62):
+            assert error_line(invoke(*train, "--arch", arch, "--crop-size", str(crop))) == (
+                f"crop_size must be at least 63 for --arch {arch} (a kernel of its layers is larger than a smaller input), not {crop}")
+    assert error_line(invoke(*train, "--seed", "99999999999999999999999")) == (
+        "seed must be in 0..2**64-1 (torch's seed range), not 99999999999999999999999")
+    assert error_line(invoke(*train, "--seed", "-1")) == "seed must be in 0..2**64-1 (torch's seed range), not -1"
+    for option in ("lr", "weight-decay"):
+        assert error_line(invoke(*train, f"--{option}", "1e300")) == (
+            f"{option.replace('-', '_')} must be at most 3.403e+38 (the largest float32, the weights' type), not 1e+300")
+    assert error_line(invoke(*train, "--lr", "3e38", "--lr-scaling", "linear", "--batch-size", "256", "--workers", "0")) == (
+        "lr 3e+38 x 2 (--lr-scaling linear) is beyond 3.403e+38, the largest float32 (the weights' type)")
+    # 16 workers x 4 slots x 100,000 images x 196,608 bytes = 1,258 GB: more than any machine here has
+    line = error_line(invoke(*train, "--batch-size", "100000", "--workers", "16", "--steps-per-epoch", "10"))
+    assert re.fullmatch(r"batch_size 100000: the loader's batches take 1258\.3 GB \(16 workers x 4 batches of 100000 x 196,608 bytes\), "
+                        r"more than the \d+\.\d GB of memory available here", line), line
+    assert error_line(invoke("--shards", str(demo_shards), "--out", "")) == "out must name a run folder, not an empty string"
+    assert list(tmp_path.iterdir()) == []
+
+
+def stamps(folder: Path) -> dict:
+    """Each file's (inode, size, mtime): a file replaced (through a temporary name) or appended to shows."""
+    return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_resuming_a_copied_run_folder_goes_on_in_the_copy(demo_shards, tmp_path):
+    """`cp -r A B; alextrain --resume B` trains B (the checkpoint's own config still names A); an --out
+    that names another folder than the one resumed is refused, naming both."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert invoke("--shards", str(demo_shards), "--out", str(a), *TINY).exit_code == 0
+    shutil.copytree(a, b)
+    before = stamps(a)
+    assert error_line(invoke("--resume", str(b), "--out", str(a), "--epochs", "2")) == (
+        f"--out {a}: --resume {b} continues the run in its own folder, {b}; to branch that run, copy {b} to {a} and resume the copy")
+    result = invoke("--resume", str(b), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == f"done: {b} (last.pt, best.pt, metrics.jsonl)"
+    assert stamps(a) == before
+    state = checkpoint.load(b)
+    assert (state["epoch"], state["global_step"], state["config"]["out"]) == (2, 4, str(b))
+    assert [r["epoch"] for r in map(json.loads, (b / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads((b / "config.json").read_text())["out"] == str(b)
+
+
+@pytest.mark.slow
+def test_one_alextrain_at_a_time_writes_a_run_folder(demo_shards, tmp_path):
+    """A second alextrain on a run folder that one is training in stops with one line and touches
+    nothing; once the first is killed (its loader worker too may outlive it a moment), the folder is
+    free at once."""
+    out = tmp_path / "run"
+    args = ["--shards", str(demo_shards), "--out", str(out), *TINY]
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        first = subprocess.Popen([sys.executable, "-m", "train.cli", *args, "--steps-per-epoch", "1000", "--log-every", "1",
+                                  "--workers", "1"], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and "train_step" in (out / "metrics.jsonl").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        assert error_line(invoke(*args)) == (f"{out}: another alextrain is writing this run folder (it holds {out / '.lock'}); "
+                                             "wait for it to end, or use another --out")
+        assert first.poll() is None
+        kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert kinds[0] == "start" and set(kinds[1:]) == {"train_step"}
+    finally:
+        first.kill()
+        first.wait()
+    result = invoke(*args)  # the killed run had no checkpoint yet: this one starts it over
+    assert result.exit_code == 0, result.output
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["start", "train_step", "epoch"]

@@ -11,6 +11,7 @@ import torch
 
 from train import checkpoint, dist
 from train.evaluate import evaluate_checkpoint
+from train.loop import lock_run_folder
 from train.stream import ShardStream, epoch_order, open_shards, reader_plan
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.cli"]
@@ -46,7 +47,7 @@ def test_torchrun_two_process_gloo_training_and_evaluation(demo_shards, tmp_path
     torchrun(args, cwd=tmp_path)
 
     # Rank 0 alone wrote, once: one start record, one record per step, nothing in the working folder.
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best.pt", "config.json", "last.pt", "metrics.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in lines] == ["start", "train_step", "train_step", "train_step", "epoch"]
@@ -69,6 +70,25 @@ def test_torchrun_two_process_gloo_training_and_evaluation(demo_shards, tmp_path
     assert result["samples"] == single["samples"] == 100
     assert (result["top1_err"], result["top5_err"]) == (single["top1_err"], single["top5_err"])
     assert result["loss"] == pytest.approx(single["loss"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_when_rank_0_cannot_lock_the_run_folder_every_rank_stops(demo_shards, tmp_path):
+    """Another process holds the run folder (as another alextrain would): rank 0 says so, and rank 1,
+    which has nothing to write, stops too instead of waiting for rank 0 in a collective."""
+    out = tmp_path / "run"
+    args = ["--shards", str(demo_shards), "--out", str(out), "--arch", "alexnet-tv", "--crop-size", "64", "--batch-size", "4",
+            "--epochs", "1", "--steps-per-epoch", "3", "--workers", "0", "--device", "cpu"]
+    lock = lock_run_folder(out)
+    try:
+        done = subprocess.run(TORCHRUN + args, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
+    finally:
+        os.close(lock)
+    errors = {line for line in done.stderr.splitlines() if line.startswith("Error: ")}
+    assert done.returncode != 0 and errors == {
+        f"Error: {out}: another alextrain is writing this run folder (it holds {out / '.lock'}); wait for it to end, or use another --out",
+        "Error: rank 1: stopped because rank 0 did (its error says why)"}, done.stderr[-3000:]
+    assert [p.name for p in out.iterdir()] == [".lock"]
 
 
 @pytest.mark.parametrize("cores, ranks_here, expected", [(16, None, 15), (64, "8", 7), (2, None, 1), (1, None, 0), (8, "8", 0)])

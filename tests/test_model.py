@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from train.lrn import PaperLRN
-from train.model import ARCHS, build_model
+from train.model import ARCHS, build_model, min_input_size
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,18 @@ def test_output_shapes(models, arch, size, feature_side):
         # 224 gives exactly 6 x 6 before the adaptive pool (a no-op there); larger crops give more
         assert model.features(x).shape == (2, 256, feature_side, feature_side)
         assert model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_min_input_size_is_the_smallest_side_each_arch_takes(models, arch):
+    """The meta-device probe agrees with real tensors: 63 x 63 goes through (a 1 x 1 map before the
+    adaptive pool), 62 x 62 leaves a max-pool larger than its input."""
+    model = models(arch).eval()
+    assert min_input_size(arch) == 63
+    with torch.no_grad():
+        assert model.features(torch.zeros(2, 3, 63, 63)).shape == (2, 256, 1, 1)
+        with pytest.raises(RuntimeError, match="Output size is too small"):
+            model(torch.zeros(2, 3, 62, 62))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

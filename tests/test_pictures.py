@@ -176,6 +176,23 @@ def test_a_torn_last_line_is_left_out_whatever_bytes_it_holds(tmp_path):
         run_summary(tmp_path)
 
 
+def test_a_record_without_the_fields_the_report_reads_is_one_line(tmp_path):
+    """A hand-edited metrics.jsonl: a record of a kind the report reads that lacks a number it reads
+    is an error naming the file and line, not a KeyError."""
+    start = {"kind": "start", "global_step": 0, "steps_per_epoch": 2}
+    step = {"kind": "train_step", "epoch": 1, "step": 1, "global_step": 1, "loss": 2.0, "lr": 0.01, "images": 8,
+            "images_per_s": 4.0, "data_wait": 0.25}
+    path = tmp_path / "metrics.jsonl"
+    for record, missing in (({"kind": "train_step"}, "epoch, step, global_step, images, loss, lr, images_per_s, data_wait"),
+                            ({**step, "images": "8"}, "images"), ({"kind": "start", "global_step": 0}, "steps_per_epoch")):
+        path.write_text("".join(json.dumps(r) + "\n" for r in (start, step, record, step)))
+        with pytest.raises(ReportError) as e:
+            run_summary(tmp_path)
+        assert str(e.value) == f"{path}: line 3: a {record['kind']} record without a number for {missing}"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (start, step, {"kind": "note", "text": "kinds the report does not read pass"})))
+    assert run_summary(tmp_path)["steps"] == 1
+
+
 @pytest.mark.slow
 def test_summary_of_a_run_killed_in_its_first_epoch(trained_run, tmp_path):
     """Steps but no epoch record yet: the numbers so far, and no best epoch."""

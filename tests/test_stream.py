@@ -5,6 +5,7 @@ sample i has label i and a flat grey level that encodes i, so a lost, repeated o
 shows at once.
 """
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -178,25 +179,31 @@ def test_pipe_url_prefix_reads_like_the_folder(folder):
 
 
 def test_http_url_prefix_reads_like_the_folder(folder):
-    handler = functools.partial(QuietHandler, directory=str(folder))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            location = f"http://127.0.0.1:{server.server_address[1]}/"
-            shards = open_shards(location)
-            batches = collect(ShardStream(shards.split("validation"), 4, train=False), 0)
-            assert sorted(sum((b.tolist() for _, b in batches), [])) == list(range(11))
-            with pytest.raises(ContractError, match="404"):
-                open_shards(location + "missing/")
-        finally:
-            server.shutdown()
-            thread.join()
+    with serving(QuietHandler, folder) as location:
+        shards = open_shards(location)
+        batches = collect(ShardStream(shards.split("validation"), 4, train=False), 0)
+        assert sorted(sum((b.tolist() for _, b in batches), [])) == list(range(11))
+        with pytest.raises(ContractError, match="404"):
+            open_shards(location + "missing/")
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):
         pass
+
+
+@contextlib.contextmanager
+def serving(handler_class, folder: Path):
+    """A local http server of `folder` through `handler_class`; yields its URL prefix. Its handler
+    threads are joined on the way out, so release any that wait first."""
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler_class, directory=str(folder))) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
+            thread.join()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,11 +290,8 @@ class StallingHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.mark.parametrize("stall_always", [True, False])
 def test_an_http_server_that_stalls_mid_body(folder, stall_always):
     handler_class = type("Handler", (StallingHandler,), {"stall_always": stall_always, "release": threading.Event(), "seen": set()})
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler_class, directory=str(folder))) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+    with serving(handler_class, folder) as location:
         try:
-            location = f"http://127.0.0.1:{server.server_address[1]}/"
             stream = ShardStream(open_shards(location, remote=FAST if stall_always else PATIENT).split("validation"), 4, train=False)
             if stall_always:
                 with pytest.raises(ShardError, match=rf"^{location}validation-000000.tar: no data for 0.3 s \(2 tries\)$"):
@@ -296,8 +300,94 @@ def test_an_http_server_that_stalls_mid_body(folder, stall_always):
                 assert labels_of(collect(stream, 0)) == list(range(11))
         finally:
             handler_class.release.set()
-            server.shutdown()
-            thread.join()
+
+
+class FaultyHandler(QuietHandler):
+    """Serves the folder, honouring Range requests (206); a .tar's first request (or every one, with
+    `always`) meets the `fault`: "close" sends all headers but only half the body, then closes the
+    connection cleanly (a FIN, no reset); "trickle" sends the body TRICKLE bytes every TRICKLE_EVERY
+    seconds. Records each .tar request as (path, its Range header or None) in `requests`."""
+
+    fault, always, seen, requests = "close", False, set(), []
+
+    def do_GET(self):
+        path = Path(self.directory, self.path.lstrip("/"))
+        if path.suffix != ".tar":
+            return super().do_GET()
+        asked = self.headers.get("Range")
+        self.requests.append((self.path, asked))
+        data = path.read_bytes()
+        start = int(asked.removeprefix("bytes=").removesuffix("-")) if asked else 0
+        self.send_response(206 if asked else 200)
+        if asked:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body, faulty = data[start:], self.always or self.path not in self.seen
+        self.seen.add(self.path)
+        if not faulty:
+            self.wfile.write(body)
+        elif self.fault == "close":
+            self.wfile.write(body[: len(body) // 2])  # then the handler returns: HTTP/1.0 closes the connection
+        else:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+                for i in range(0, len(body), TRICKLE):
+                    self.wfile.write(body[i : i + TRICKLE])
+                    time.sleep(TRICKLE_EVERY)
+
+
+TRICKLE, TRICKLE_EVERY = 200, 0.05  # 4 KB/s at most
+# Under 20 KB/s over 0.5 s of waiting is too slow; no single read waits 1 s (a trickle passes that).
+SLOW = RemoteReads(timeout=1.0, retries=1, backoff=0, min_rate=20_000, rate_window=0.5)
+
+
+def faulty(fault: str, always: bool) -> type[FaultyHandler]:
+    return type("Handler", (FaultyHandler,), {"fault": fault, "always": always, "seen": set(), "requests": []})
+
+
+def test_an_http_connection_closed_early_is_read_on_from_where_it_stopped(folder):
+    """A server that closes the connection cleanly before the Content-Length is met: the read goes on
+    with a Range request from the first byte it lacks, like after a reset."""
+    handler_class = faulty("close", always=False)
+    with serving(handler_class, folder) as location:
+        batches = collect(ShardStream(open_shards(location, remote=FAST).split("validation"), 4, train=False), 0)
+    for images, labels in batches:
+        check_pixels(images, labels)
+    assert labels_of(batches) == list(range(11))
+    names = [f"validation-00000{i}.tar" for i in range(3)]
+    assert handler_class.requests == [(f"/{name}", asked) for name in names
+                                      for asked in (None, f"bytes={(folder / name).stat().st_size // 2}-")]
+
+
+def test_an_http_connection_always_closed_early_is_one_error_naming_it(folder):
+    handler_class = faulty("close", always=True)
+    size = (folder / "validation-000000.tar").stat().st_size
+    rest = size - size // 2  # what the second try asks for, of which it gets half
+    with serving(handler_class, folder) as location:
+        with pytest.raises(ShardError, match=rf"^{location}validation-000000.tar: connection closed {rest - rest // 2} bytes "
+                                             r"before the end of the body \(2 tries\)$"):
+            collect(ShardStream(open_shards(location, remote=FAST).split("validation"), 4, train=False), 0)
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_an_http_server_that_trickles(folder, always):
+    """Data that comes, but slower than RemoteReads.min_rate, counts as a stall: once, the read goes on
+    where it stopped (a Range request); always, one error names the shard after the retries."""
+    handler_class = faulty("trickle", always)
+    with serving(handler_class, folder) as location:
+        stream = ShardStream(open_shards(location, remote=SLOW).split("validation"), 4, train=False)
+        if always:
+            with pytest.raises(ShardError, match=rf"^{location}validation-000000.tar: under 20 KB/s for 0.5 s \(2 tries\)$"):
+                collect(stream, 0)
+        else:
+            batches = collect(stream, 0)
+            for images, labels in batches:
+                check_pixels(images, labels)
+            assert labels_of(batches) == list(range(11))
+            for i in range(3):
+                name = f"validation-00000{i}.tar"
+                first, second = [asked for path, asked in handler_class.requests if path == f"/{name}"]
+                assert first is None and 0 < int(second.removeprefix("bytes=").removesuffix("-")) < (folder / name).stat().st_size
 
 
 # ---------------------------------------------------------------------------------------------------

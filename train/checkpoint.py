@@ -11,6 +11,8 @@ A checkpoint is a dict of tensors and plain values only (so `torch.load(weights_
     world_size    ranks that trained; with the config's seed, workers, batch size and shuffle buffer it
                   fixes every epoch's stream (train/stream.py), so resuming skips `step` batches
     best_top1_err best validation top-1 error so far (None before the first evaluation)
+    best_epoch    the epoch (1-based) whose end-of-epoch weights scored best_top1_err, so best.pt holds
+                  the checkpoint saved after it; absent in checkpoints written before it was recorded
     epoch_totals  the epoch's running sums so far (loss, top-1 and top-5 hits, samples, seconds, seconds
                   waiting for data), so the epoch's record is whole after a mid-epoch resume
     config        the TrainConfig as a dict
@@ -23,11 +25,15 @@ No RNG states are stored because none carry over between steps: every random dra
 aside) comes from generators seeded with (seed, epoch, step, rank) at each step (train/loop.py), so
 the data position is also the RNG position, on every rank. bf16 autocast needs no GradScaler, so there
 is no scaler state. Files are written to a temporary name and renamed.
+
+A checkpoint belongs to the run folder it lies in: `--resume` continues the run there, whatever
+folder the checkpoint's own config names (a copied folder is a run of its own).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -89,12 +95,30 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 
 def link(source: str | Path, path: str | Path) -> None:
     """Make `path` a second name of the finished checkpoint `source` (best.pt = this epoch's
-    last.pt) without writing it again; a later save to `source` replaces that name only."""
+    last.pt) without writing it again; a later save to `source` replaces that name only. On a file
+    system without hard links (FAT, some network and FUSE mounts), a copy through a temporary name."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}.link")
     tmp.unlink(missing_ok=True)
-    os.link(source, tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:  # EPERM, EOPNOTSUPP, ENOSYS...: no hard links here
+        with open(source, "rb") as f, atomic_write(path, "wb") as copy:
+            shutil.copyfileobj(f, copy, 1 << 24)
+        return
     os.replace(tmp, path)
+
+
+def make_best(path: str | Path) -> bool:
+    """Make best.pt, beside the checkpoint `path`, that checkpoint (`link`) unless it already is. For
+    a `path` that holds the run's best epoch: a run killed between saving last.pt and linking best.pt
+    left best.pt missing or an older epoch's. Returns whether best.pt had to be made."""
+    path = Path(path)
+    best = path.with_name(BEST)
+    if best.exists() and os.path.samefile(path, best):
+        return False
+    link(path, best)
+    return True
 
 
 def resolve(path: str | Path) -> Path:
@@ -139,16 +163,21 @@ def trusted_shards(path: str | Path, shards: str | None) -> str | None:
 
 def config_for_resume(resume: str | Path, overrides: dict) -> TrainConfig:
     """The configuration of the run in `resume`, with `overrides` (options given on this command
-    line) on top; `resume` itself is recorded as the checkpoint file. A `pipe:` shard location from
-    the checkpoint is refused unless `overrides` gives the shards."""
+    line) on top; `resume` itself is recorded as the checkpoint file, and `out` is the folder the
+    checkpoint lies in (an `out` override naming another folder is refused). A `pipe:` shard
+    location from the checkpoint is refused unless `overrides` gives the shards."""
     path = resolve(resume)
+    folder = path.parent
+    if "out" in overrides and Path(overrides["out"]).resolve() != folder.resolve():
+        raise CheckpointError(f"--out {overrides['out']}: --resume {resume} continues the run in its own folder, {folder}; "
+                              f"to branch that run, copy {folder} to {overrides['out']} and resume the copy")
     try:
         config = TrainConfig.from_dict(load(path)["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: its configuration is not one this alextrain reads ({e})") from None
     if "shards" not in overrides:
         trusted_shards(path, config.shards)
-    return config.replace(**{**overrides, "resume": str(path)})
+    return config.replace(**{**overrides, "out": str(folder), "resume": str(path)})
 
 
 def load_weights(model: nn.Module, weights: dict, path: str | Path, arch: str) -> None:

@@ -28,7 +28,8 @@ from train.stream import ShardError
 
 # Errors that mean bad input, not a bug: one line, exit status 1.
 USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, LoaderWorkerError,
-               loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError, ModelError, HubError, ExportError)
+               loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError, dist.MainRankFailed, ModelError, HubError,
+               ExportError)
 
 
 def train_options(command):

@@ -12,14 +12,18 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from train.device_decode import GPU_DECODERS
-from train.model import ARCHS, WARMUP_STEPS
+from train.model import ARCHS, WARMUP_STEPS, min_input_size
 
 SCHEDULES = ("plateau", "step", "cosine")
 LR_SCALINGS = ("none", "linear")
 DECODERS = ("cpu", "gpu", "both")
 DEVICES = ("auto", "cpu", "cuda")
 PAPER_BATCH = 128  # the batch size the base learning rate belongs to (linear scaling rule)
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the weights' type: SGD cannot scale a gradient by a larger lr or weight decay
+SEEDS = range(2**64)  # torch.manual_seed's non-negative range
 
 
 class ConfigError(ValueError):
@@ -51,11 +55,13 @@ class TrainConfig:
     workers: int | None = _opt(None, "loader worker processes per rank that read and decode shards (0 = in the main process)  "
                                      "[default: this machine's cores shared among its ranks, less one each for training]")
     device: str = _opt("auto", "'auto' = cuda if available, else cpu", choices=DEVICES)
-    out: str = _opt("runs/train", "run folder for config.json, metrics.jsonl, last.pt, best.pt")
-    seed: int = _opt(0, "seed for the initial weights, shard order, shuffle buffer, augmentation and dropout")
+    out: str = _opt("runs/train", "run folder for config.json, metrics.jsonl, last.pt, best.pt; one alextrain at a time writes it")
+    seed: int = _opt(0, "seed for the initial weights, shard order, shuffle buffer, augmentation and dropout (0..2**64-1)")
     compile: bool = _opt(False, "torch.compile the model")
-    resume: str | None = _opt(None, "continue a run: a checkpoint file, or a run folder (its last.pt)")
-    crop_size: int = _opt(224, "side of the random training crop and of the evaluation crops, in pixels (at most 256)")
+    resume: str | None = _opt(None, "continue a run in its own folder: a run folder (its last.pt), or a checkpoint file in it; --out may "
+                                    "only name that folder (to branch a run, copy its folder and resume the copy)")
+    crop_size: int = _opt(224, "side of the random training crop and of the evaluation crops, in pixels (at most 256, and at least "
+                               "the smallest input --arch's layers take)")
     lighting_std: float = _opt(0.1, "standard deviation of the PCA lighting coefficients (0 = off)")
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer (raw JPEG bytes, about 25 KB each)")
     decode: str = _opt("cpu", "where JPEGs are decoded: in the CPU workers, batched on the GPU (torchvision.io.decode_jpeg), or both: "
@@ -85,10 +91,21 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, not {self.lr}")
+        for name in ("lr", "weight_decay"):
+            if getattr(self, name) > FLOAT32_MAX:
+                raise ConfigError(f"{name} must be at most {FLOAT32_MAX:.4g} (the largest float32, the weights' type), not {getattr(self, name):g}")
+        if self.seed not in SEEDS:
+            raise ConfigError(f"seed must be in 0..2**64-1 (torch's seed range), not {self.seed}")
+        if not self.out:
+            raise ConfigError("out must name a run folder, not an empty string")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"steps_per_epoch must be at least 1, not {self.steps_per_epoch}")
         if not 0 < self.crop_size <= 256:
             raise ConfigError(f"crop_size must be in 1..256, not {self.crop_size}")
+        smallest = min_input_size(self.arch)
+        if self.crop_size < smallest:
+            raise ConfigError(f"crop_size must be at least {smallest} for --arch {self.arch} (a kernel of its layers is larger "
+                              f"than a smaller input), not {self.crop_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

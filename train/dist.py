@@ -3,17 +3,27 @@
 torchrun (or `python -m torch.distributed.run`) starts one process per rank and sets RANK, WORLD_SIZE
 and LOCAL_RANK. Without them this is a world of one and nothing is initialised. NCCL on CUDA, gloo on
 the CPU. Rank 0 alone writes files; every rank reduces its metrics so they describe the whole world.
+What rank 0 alone does before the ranks meet again (claiming and writing the run folder) goes through
+`on_main`, so when rank 0 stops there the other ranks stop too instead of waiting for it in a collective.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
 
 from train.config import ConfigError
+
+T = TypeVar("T")
+
+
+class MainRankFailed(Exception):
+    """Rank 0 stopped at a step all ranks wait for; its own error line says why."""
 
 
 @dataclass(frozen=True)
@@ -79,3 +89,21 @@ def sum_all(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
     return values
+
+
+def on_main(world: World, device: torch.device, action: Callable[[], T]) -> T | None:
+    """`action()` on rank 0 alone (None on the other ranks), then every rank learns whether it raised
+    (one collective on `device`): rank 0 raises its own error, the others MainRankFailed."""
+    error, result = None, None
+    if world.is_main:
+        try:
+            result = action()
+        except Exception as e:  # re-raised below, once the other ranks know
+            error = e
+    if world.distributed:
+        failed = sum_all(torch.tensor([float(error is not None)], device=device)).item()
+        if failed and not world.is_main:
+            raise MainRankFailed(f"rank {world.rank}: stopped because rank 0 did (its error says why)")
+    if error is not None:
+        raise error
+    return result

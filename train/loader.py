@@ -27,18 +27,21 @@ from __future__ import annotations
 import contextlib
 import mmap
 import multiprocessing
+import os
 import signal
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torchcodec.decoders import decode_jpeg
 
 from prep.contract import IMAGE_SIZE
+from train.config import ConfigError
 from train.device_decode import make_decoder
 from train.stream import Sample, ShardError, ShardStream
 
@@ -100,6 +103,35 @@ def pack_batch(batch: list[Sample]) -> JpegBatch:
     lengths = torch.tensor([len(s.jpg) for s in batch], dtype=torch.int64)
     labels = torch.tensor([s.label for s in batch], dtype=torch.int64)
     return JpegBatch(data, lengths, labels, sorted({s.url for s in batch}))
+
+
+def check_host_memory(batch_size: int, workers: int, depth: int = DEPTH) -> None:
+    """Raise ConfigError (one line) when the loader's batches would take more memory than this machine
+    has available: `depth` slots of `batch_size` images per worker (one batch without workers). A
+    mapping that large fails with ENOMEM, or is filled until the kernel kills the run."""
+    needed = batch_size * SLOT_IMAGE_BYTES * (workers * depth if workers else 1)
+    available = available_memory()
+    if needed > available:
+        slots = f"{workers} workers x {depth} batches" if workers else "one batch"
+        raise ConfigError(f"batch_size {batch_size}: the loader's batches take {needed / 1e9:.1f} GB ({slots} of {batch_size} x "
+                          f"{SLOT_IMAGE_BYTES:,} bytes), more than the {available / 1e9:.1f} GB of memory available here")
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still fill: the kernel's MemAvailable, or less where a cgroup
+    (a container's limit) allows less; the physical memory where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # cgroup v2: memory.max is "max" or a number of bytes
+        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
+        if limit != "max":
+            available = min(available, int(limit) - int(used))
+    except OSError:
+        pass
+    return available
 
 
 def make_loader(stream: ShardStream, workers: int, device: torch.device, *, decode: str = "cpu",

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +30,15 @@ from tqdm import tqdm
 from prep.contract import STATS_NAME, ContractError, atomic_write, write_json
 from train import checkpoint, dist
 from train.augment import PixelStats, train_views
-from train.config import PAPER_BATCH, ConfigError, TrainConfig
+from train.config import FLOAT32_MAX, PAPER_BATCH, ConfigError, TrainConfig
 from train.device_decode import DecoderUnavailable, import_nvimgcodec
 from train.evaluate import autocast, evaluate, topk_correct
-from train.loader import DeviceLoader, make_loader
+from train.loader import DeviceLoader, check_host_memory, make_loader
 from train.model import INPUTS, WARMUP_STEPS, build_model
 from train.stream import ShardStream, join, open_shards, seed_for
 
 METRICS, CONFIG = checkpoint.METRICS, "config.json"
+LOCK = ".lock"  # in the run folder; the run writing the folder holds a lock on it (`lock_run_folder`)
 
 
 class RunFolderError(Exception):
@@ -45,11 +49,13 @@ class MetricsError(Exception):
     """A metrics.jsonl line that is not a record, other than a torn last line; the message names it."""
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, needs: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
     """The records of a metrics.jsonl, in order. A killed run may leave its last line torn (no newline
     at the end, any bytes before it): that line is left out unless it is a whole record. Every other
-    line that is not blank must be a record (a JSON object with a "kind"), else MetricsError names it.
-    Resume (`MetricsLog.rewind`) and `alextrain report` both read the file through this."""
+    line that is not blank must be a record (a JSON object with a "kind"), and a record of a kind in
+    `needs` must hold a number in each field listed there (the fields its reader uses), else
+    MetricsError names the line. Resume (`MetricsLog.rewind`) and `alextrain report` both read the
+    file through this."""
     *lines, rest = path.read_bytes().split(b"\n")
     records = []
     for number, line in enumerate(lines + [rest], start=1):
@@ -57,15 +63,22 @@ def read_metrics(path: Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-            record["kind"]
+            kind = record["kind"]
         except (ValueError, TypeError, KeyError):  # UnicodeDecodeError is a ValueError
             if number > len(lines):
                 break
             shown = line.decode(errors="replace")
             shown = shown if len(shown) <= 60 else shown[:59] + "…"
             raise MetricsError(f"{path}: line {number} is not a metrics record: {shown!r}") from None
+        missing = [name for name in (needs or {}).get(kind, ()) if not _is_number(record.get(name))]
+        if missing:
+            raise MetricsError(f"{path}: line {number}: a {kind} record without a number for {', '.join(missing)}")
         records.append(record)
     return records
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class NonFiniteLoss(Exception):
@@ -128,7 +141,7 @@ class MetricsLog:
         resumed run's records follow on without duplicates; a torn last line goes too (`read_metrics`)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [record for record in read_metrics(self.path)
+        kept = [record for record in read_metrics(self.path, {"train_step": ("global_step",), "epoch": ("epoch",)})
                 if not (record["kind"] == "train_step" and record["global_step"] > global_step)
                 and not (record["kind"] == "epoch" and record["epoch"] > epochs_done)]
         with atomic_write(self.path, "w") as f:
@@ -140,17 +153,16 @@ def train(config: TrainConfig) -> dict:
     device = dist.resolve_device(config.device)
     world = dist.init(device.type)
     try:
-        return _train(config, world, device)
+        with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends
+            return _train(config, world, device, held)
     finally:
         dist.teardown()
 
 
-def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict:
+def _train(config: TrainConfig, world: dist.World, device: torch.device, held: contextlib.ExitStack) -> dict:
     config, device = _resolve(config, world, device)
     out = Path(config.out)
     metrics = MetricsLog(out / METRICS, world.is_main)
-    if (out / checkpoint.LAST).exists() and not config.resume:
-        raise RunFolderError(f"{out} already holds a run ({checkpoint.LAST}); continue it with --resume {out}, or pick another --out")
 
     # ---- data: the shard folder's splits, classes and pixel statistics
     shards = open_shards(config.shards)
@@ -161,6 +173,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
     steps_per_epoch = config.steps_per_epoch or train_split.num_samples // global_batch
     if steps_per_epoch == 0:
         raise ConfigError(f"{train_split.num_samples} training samples make no step of {global_batch} (batch size x ranks)")
+    check_host_memory(config.batch_size, config.workers)
 
     # ---- model, optimizer and schedule: the same initial weights on every rank; the paper's SGD
     torch.manual_seed(config.seed)
@@ -169,27 +182,40 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what checkpoints hold, without DDP or compile wrappers
     base_lr = config.lr * (global_batch / PAPER_BATCH if config.lr_scaling == "linear" else 1.0)
+    if base_lr > FLOAT32_MAX:
+        raise ConfigError(f"lr {config.lr:g} x {global_batch / PAPER_BATCH:g} (--lr-scaling linear) is beyond {FLOAT32_MAX:.4g}, "
+                          "the largest float32 (the weights' type)")
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     schedule = Schedule(config, base_lr, steps_per_epoch)
+
+    # ---- the run folder: rank 0 locks it for the whole run (every rank stops if it cannot)
+    lock = dist.on_main(world, device, lambda: _claim_run_folder(out, config, metrics))
+    if lock is not None:
+        held.callback(os.close, lock)
 
     # ---- where the run stands: a fresh start, or a checkpoint's weights, optimizer, schedule, data position
     at = Position(scaling=INPUTS[config.arch])
     if config.resume:
         at = _resume(config, world, device, classes, raw_model, optimizer, schedule, steps_per_epoch)
 
+    def start() -> None:
+        with _writing(out):
+            # A run killed between saving last.pt and linking best.pt left best.pt behind it.
+            if config.resume and at.step == 0 and at.best_epoch == at.epoch and checkpoint.make_best(config.resume):
+                tqdm.write(f"{out / checkpoint.BEST}: made the checkpoint of epoch {at.epoch} again (its best; a run stopped "
+                           "before linking it)")
+            write_json(out / CONFIG, config.to_dict())
+            metrics.rewind(at.global_step, at.epoch)
+            metrics.write({"kind": "start", "time": time.time(), "global_step": at.global_step, "world_size": world.world_size,
+                           "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "resumed_from": config.resume})
+
+    dist.on_main(world, device, start)
+
     if config.compile:
         model = torch.compile(model)
     eval_model = model  # evaluation bypasses DDP: ranks see different numbers of validation batches
     if world.distributed:
         model = DistributedDataParallel(model, device_ids=[world.local_rank] if device.type == "cuda" else None)
-
-    if world.is_main:
-        with _writing(out):
-            _prepare_run_folder(out, config, metrics)
-            write_json(out / CONFIG, config.to_dict())
-            metrics.rewind(at.global_step, at.epoch)
-            metrics.write({"kind": "start", "time": time.time(), "global_step": at.global_step, "world_size": world.world_size,
-                           "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "resumed_from": config.resume})
 
     def save(name: str, epoch: int, step: int) -> None:
         """last.pt (or `name`) for continuing after step `step` of epoch `epoch` (0-based); rank 0 only."""
@@ -201,7 +227,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
             checkpoint.save({
                 "format": checkpoint.FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "epoch": epoch, "step": step, "global_step": at.global_step,
-                "world_size": world.world_size, "best_top1_err": at.best, "epoch_totals": at.totals.to_list(),
+                "world_size": world.world_size, "best_top1_err": at.best, "best_epoch": at.best_epoch, "epoch_totals": at.totals.to_list(),
                 "config": config.to_dict(), "classes": classes, "stats": shards.stats, "inputs": at.scaling,
             }, out / name)
 
@@ -250,7 +276,8 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device) -> dict
                            rank=world.rank, world_size=world.world_size)
             schedule.evaluated(val["top1_err"])
             is_best = at.best is None or val["top1_err"] < at.best
-            at.best = val["top1_err"] if is_best else at.best
+            if is_best:
+                at.best, at.best_epoch = val["top1_err"], epoch + 1
             record.update(val_top1_err=val["top1_err"], val_top5_err=val["top5_err"], val_loss=val["loss"],
                           eval_time=time.perf_counter() - eval_start, best_top1_err=at.best)
         record["time"] = time.time()  # wall clock, as in the "start" records
@@ -299,13 +326,15 @@ class EpochTotals:
 @dataclass
 class Position:
     """Where a run stands: `epoch` epochs done, `step` steps of the next, `global_step` in all; the
-    best validation top-1 error so far, the epoch's sums so far, and the model's input scaling."""
+    best validation top-1 error so far and the epoch that scored it, the epoch's sums so far, and the
+    model's input scaling."""
 
     scaling: str
     epoch: int = 0
     step: int = 0
     global_step: int = 0
     best: float | None = None
+    best_epoch: int | None = None  # 1-based; None also in checkpoints from before it was recorded
     totals: EpochTotals = dataclasses.field(default_factory=EpochTotals)
     last_finite: tuple[int, float] | None = None  # (global step, loss) of the last step with a finite loss
 
@@ -373,15 +402,43 @@ def _resolve(config: TrainConfig, world: dist.World, device: torch.device) -> tu
     return config.replace(device=device.type, workers=workers), device
 
 
-def _prepare_run_folder(out: Path, config: TrainConfig, metrics: MetricsLog) -> None:
-    """Make the run folder; remove what a killed save left in it (our own temporary checkpoint
-    names). A new run in a folder with metrics but no checkpoint (the caller refused one with a
-    checkpoint) replaces a run killed before its first save: there was nothing to continue."""
+def lock_run_folder(out: Path) -> int:
+    """Make the run folder `out` if need be and lock it: an exclusive POSIX lock on OUT/.lock, which
+    is this process's alone (the loader's forked workers do not inherit it) and ends with it, killed
+    or not. Returns the lock file's descriptor (closing it releases the lock). RunFolderError when
+    another process holds it."""
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale_temps(out)
-    if not config.resume and metrics.path.exists():
-        tqdm.write(f"{out}: its run stopped before its first checkpoint; starting it over")
-        metrics.path.unlink()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise RunFolderError(f"{out}: another alextrain is writing this run folder (it holds {out / LOCK}); "
+                                 "wait for it to end, or use another --out") from None
+        raise
+    return fd
+
+
+def _claim_run_folder(out: Path, config: TrainConfig, metrics: MetricsLog) -> int:
+    """Lock the run folder (`lock_run_folder`; returns the lock's descriptor) and make it ready: a new
+    run is refused where a run has a checkpoint, what a killed save left goes (our own temporary
+    checkpoint names), and a new run in a folder with metrics but no checkpoint replaces a run killed
+    before its first save (there was nothing to continue)."""
+    with _writing(out):
+        lock = lock_run_folder(out)
+    try:
+        if (out / checkpoint.LAST).exists() and not config.resume:
+            raise RunFolderError(f"{out} already holds a run ({checkpoint.LAST}); continue it with --resume {out}, or pick another --out")
+        with _writing(out):
+            checkpoint.remove_stale_temps(out)
+            if not config.resume and metrics.path.exists():
+                tqdm.write(f"{out}: its run stopped before its first checkpoint; starting it over")
+                metrics.path.unlink()
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
 
 
 def _resume(config: TrainConfig, world: dist.World, device: torch.device, classes: list[dict], model: torch.nn.Module,
@@ -398,7 +455,8 @@ def _resume(config: TrainConfig, world: dist.World, device: torch.device, classe
                    f"{state['world_size']} x {state['config']['workers']}: the rest of this epoch's data order differs")
     return Position(scaling=checkpoint.input_scaling(state), epoch=state["epoch"],
                     step=min(state["step"], steps_per_epoch),  # in case --steps-per-epoch changed
-                    global_step=state["global_step"], best=state["best_top1_err"], totals=EpochTotals.from_list(state["epoch_totals"]))
+                    global_step=state["global_step"], best=state["best_top1_err"], best_epoch=state.get("best_epoch"),
+                    totals=EpochTotals.from_list(state["epoch_totals"]))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,8 @@ Every variant ends in AdaptiveAvgPool2d(6): a no-op for 224 x 224 inputs (the fe
 Nothing here depends on memory format or dtype, so channels_last and bf16 autocast work unchanged.
 """
 
+import functools
+import itertools
 from collections import OrderedDict
 
 import torch
@@ -125,3 +127,21 @@ def build_model(arch: str, num_classes: int = 1000) -> nn.Module:
     if arch == "alexnet-tv":
         return torchvision.models.alexnet(weights=None, num_classes=num_classes)
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+@functools.cache
+def min_input_size(arch: str) -> int:
+    """The smallest side of a square input that every layer of `arch` accepts (a smaller one leaves a
+    kernel larger than its input), found by passing (1, 3, s, s) inputs through the model on the meta
+    device: shapes only, no memory or arithmetic."""
+    with torch.device("meta"):
+        model = build_model(arch).eval()  # eval: BatchNorm takes a 1 x 1 map of one image
+
+    def fits(side: int) -> bool:
+        try:
+            model(torch.empty(1, 3, side, side, device="meta"))
+            return True
+        except RuntimeError:  # "Output size is too small", "Kernel size can't be greater than actual input size"
+            return False
+
+    return next(side for side in itertools.count(1) if fits(side))

@@ -37,6 +37,14 @@ REPORT_INCHES = (15.0, 9.0)  # 1500 x 900 px
 TRAIN_COLOUR, VAL_COLOUR = "#3b75af", "#e1812c"  # the colours `alexprep stats --plot` gives the two splits
 
 
+# The records the report reads, and the fields it reads from each (validation numbers are optional).
+REPORT_FIELDS = {
+    "start": ("global_step", "steps_per_epoch"),
+    "train_step": ("epoch", "step", "global_step", "images", "loss", "lr", "images_per_s", "data_wait"),
+    "epoch": ("epoch", "train_loss", "train_top1_err", "train_top5_err", "images_per_s", "data_wait"),
+}
+
+
 class ReportError(Exception):
     """A run folder without readable metrics; the message names the file and why."""
 
@@ -159,7 +167,7 @@ def read_run(run_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     if not path.is_file():
         raise ReportError(f"{path}: no metrics here; is {run_dir} a run folder (alextrain --out)?")
     try:
-        records = [r for r in read_metrics(path) if r["kind"] in ("start", "train_step", "epoch")]
+        records = [r for r in read_metrics(path, REPORT_FIELDS) if r["kind"] in REPORT_FIELDS]
     except MetricsError as e:
         raise ReportError(str(e)) from None
     if not any(r["kind"] == "train_step" for r in records):

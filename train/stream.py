@@ -13,8 +13,9 @@ overlap, and each reader's shuffle buffer is seeded with (seed, epoch, rank, wor
 has a fixed number of steps on every rank; readers cycle through their shards as often as needed so
 none runs dry. Resuming at step s skips the first s batches before decoding, so it costs only reads.
 
-Shards at http(s) and `pipe:` URLs are read with a timeout on every read and a bounded number of
-retries (`RemoteReads`), so a stalled server or a hanging command ends in one error naming the URL.
+Shards at http(s) and `pipe:` URLs are read with a timeout on every read, a minimum throughput and a
+bounded number of retries (`RemoteReads`), so a stalled or trickling server or a hanging command ends
+in one error naming the URL.
 Decoding the batches (on the CPU in the workers, or on the device) is the loader's business.
 """
 
@@ -80,14 +81,33 @@ def join(location: str, name: str) -> str:
 @dataclass(frozen=True)
 class RemoteReads:
     """When reads of http(s) and pipe: URLs give up (a policy, not a measurement): every read waits at
-    most `timeout` seconds for data; a file that stalls or fails is opened again where it stopped (an
-    http Range request, or the pipe command run again with the bytes already read skipped), at most
-    `retries` times, `backoff` seconds after the first failure and twice as long after each next one;
-    then RemoteReadError names the URL."""
+    most `timeout` seconds for data, and data that comes slower than `min_rate` bytes/s over
+    `rate_window` seconds spent waiting for it (a trickle, which no single read's timeout catches)
+    counts as stalled too; a file that stalls, fails or ends early (an http connection closed before
+    its Content-Length) is opened again where it stopped (an http Range request, or the pipe command
+    run again with the bytes already read skipped), at most `retries` times, `backoff` seconds after
+    the first failure and twice as long after each next one; then RemoteReadError names the URL."""
 
     timeout: float = 30.0
     retries: int = 3
     backoff: float = 1.0
+    min_rate: float = 10_000.0  # bytes/s
+    rate_window: float = 60.0  # seconds of waiting for data (time the reader spends elsewhere does not count)
+
+
+class _Throughput:
+    """The bytes a source gave and the seconds spent waiting for them; TimeoutError when a window of
+    `rate_window` seconds brought less than `min_rate` bytes/s."""
+
+    def __init__(self, remote: RemoteReads):
+        self.remote, self.bytes, self.seconds = remote, 0, 0.0
+
+    def add(self, n: int, seconds: float) -> None:
+        self.bytes, self.seconds = self.bytes + n, self.seconds + seconds
+        if self.seconds >= self.remote.rate_window:
+            if self.bytes < self.remote.min_rate * self.seconds:
+                raise TimeoutError(f"under {self.remote.min_rate / 1000:g} KB/s for {self.remote.rate_window:g} s")
+            self.bytes, self.seconds = 0, 0.0
 
 
 class _Pipe:
@@ -134,10 +154,15 @@ class _Http:
         self.skip = offset if offset and self.response.status != 206 else 0  # a server without ranges sends it all
 
     def readinto(self, buffer) -> int:
+        # read1: what one receive brings, so that a trickle shows (readinto waits to fill the whole buffer).
         try:
-            return self.response.readinto(buffer)
+            data = self.response.read1(len(buffer))
         except TimeoutError:
             raise TimeoutError(f"no data for {self.timeout:g} s") from None
+        if not data and self.response.length:  # http.client ends the body quietly where the server closed early
+            raise ConnectionError(f"connection closed {self.response.length} bytes before the end of the body")
+        buffer[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         self.response.close()
@@ -148,7 +173,7 @@ class RemoteFile(io.RawIOBase):
 
     def __init__(self, url: str, remote: RemoteReads):
         self.url, self.remote = url, remote
-        self.offset, self.failures, self.source = 0, 0, None
+        self.offset, self.failures, self.source, self.throughput = 0, 0, None, None
 
     def readable(self) -> bool:
         return True
@@ -157,8 +182,10 @@ class RemoteFile(io.RawIOBase):
         while True:
             try:
                 if self.source is None:
-                    self.source = self._open()
+                    self.source, self.throughput = self._open(), _Throughput(self.remote)
+                started = time.monotonic()
                 n = self.source.readinto(buffer)
+                self.throughput.add(n, time.monotonic() - started)
                 self.offset += n
                 return n
             except (OSError, HTTPException) as e:  # TimeoutError and urllib's errors are OSErrors
