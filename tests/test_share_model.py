@@ -120,6 +120,7 @@ def tamper_shape(folder: Path, key: str, shape: list[int]) -> None:
 @pytest.mark.slow
 def test_export_writes_weights_config_card_and_pictures(run, exported, demo_shards, checkpoint_eval):
     assert sorted(p.name for p in exported.iterdir()) == sorted(EXPORT_FILES)
+    assert {p.name: p.stat().st_mode & 0o777 for p in exported.iterdir()} == {name: 0o644 for name in EXPORT_FILES}
     state = checkpoint.load(run / "last.pt")
     weights = load_file(exported / "model.safetensors")  # safetensors alone reads it
     assert weights.keys() == state["model"].keys() and all(torch.equal(weights[k], state["model"][k]) for k in weights)
@@ -128,7 +129,7 @@ def test_export_writes_weights_config_card_and_pictures(run, exported, demo_shar
     assert config["num_parameters"] == sum(p.numel() for p in build_model("alexnet-bn", 10).parameters())
     inputs = config["inputs"]
     assert (inputs["scaling"], inputs["crop_size"], inputs["image_size"]) == ("standardize", 64, 256)
-    assert all(inputs[k] == state["stats"][k] for k in ("mean", "std", "eigval", "eigvec"))
+    assert {k: inputs[k] for k in state["stats"]} == state["stats"]
     assert config["training"]["epochs_done"] == 1 and config["training"]["global_step"] == 2
     assert config["training"]["config"] == {k: v for k, v in state["config"].items() if k not in ("shards", "out", "resume")}
     assert config["checkpoint"] == {"file": "last.pt", "sha256": sha256(run / "last.pt"), "epoch": 1, "global_step": 2,

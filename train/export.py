@@ -172,6 +172,7 @@ def _write_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o644)  # safetensors creates it 0600; the folder is for sharing, like the rest of it
 
 
 def _recorded_evaluation(run_dir: Path, epoch: int) -> dict:
