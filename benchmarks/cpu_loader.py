@@ -8,7 +8,7 @@ and built into 256 px shards with alexprep's folder source. Then, the methods ta
     as the loader workers do, by TorchCodec (what they use) and by PIL (pillow-simd where set up);
   - baseline: `ImageFolder` + `DataLoader` with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor
     and Normalize (the PyTorch ImageNet example's training input), workers 0, 1 and 2;
-  - ours: `ShardStream` (train/stream.py) + `make_loader` (train/loader.py) (shards -> uint8
+  - ours: `ShardStream` (train/stream.py) + `WorkerLoader` (train/loader.py) (shards -> uint8
     (B, 3, 256, 256) batches; crop, flip, lighting and normalisation happen later on the training
     device), workers 0, 1 and 2; and the same stream through torch's DataLoader workers (1 and 2), to
     measure the transport alone.
@@ -31,7 +31,6 @@ import argparse
 import datetime
 import gc
 import io
-import multiprocessing
 import os
 import resource
 import sys
@@ -44,57 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
 
-from prep.build import build_shards
-from prep.contract import write_json
-from train.loader import decode_batch, make_loader
-from train.stream import Sample, ShardStream, Split, open_shards, read_shard
+from benchmarks.common import PHOTO_SIZES, QUICK_SIZES, StreamDataset, build_photo_shards, write_photo_tree
+from prep.contract import IMAGE_SIZE, write_json
+from train.loader import WorkerLoader, decode_batch
+from train.stream import Sample, ShardStream, SplitShards, read_shard
 
-# Sizes of typical ImageNet training photos (width, height); the mean ImageNet image is about 400 x 350.
-PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (400, 300), (333, 500), (500, 400))
-QUICK_SIZES = ((200, 150), (150, 200))
-CPU = torch.device("cpu")
 # ImageNet's usual constants, as the PyTorch ImageNet example normalises with them
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The test images and their shards (also used by benchmarks/gpu_train.py)
-
-
-def _write_photo(task: tuple[Path, tuple[int, int], int, int]) -> None:
-    from prep.synthetic import photo
-
-    path, (w, h), seed, index = task
-    pixels = photo(np.random.default_rng([seed, index]), w, h)
-    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
-
-
-def write_photo_tree(root: Path, n: int, classes: int, *, seed: int = 0, workers: int = 1,
-                     sizes: tuple[tuple[int, int], ...] = PHOTO_SIZES) -> list[Path]:
-    """Write n photo-like q90 JPEGs as root/train/cNNN/NNNNNN.jpg (class i % classes, size drawn from
-    `sizes`), deterministic for `seed`, with `workers` processes; return their paths, sorted."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(len(sizes), size=n)
-    tasks = []
-    for i in range(n):
-        folder = root / "train" / f"c{i % classes:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tasks.append((folder / f"{i:06d}.jpg", sizes[picks[i]], seed, i))
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            pool.map(_write_photo, tasks, chunksize=8)
-    else:
-        for task in tasks:
-            _write_photo(task)
-    return sorted(path for path, *_ in tasks)
-
-
-def build_photo_shards(root: Path, out: Path, shard_size: int, workers: int) -> Split:
-    """Build root's train/ tree into shards under `out` with alexprep; return the train split."""
-    build_shards(out, source=str(root), splits=("train",), shard_size=shard_size, workers=workers)
-    return open_shards(str(out), splits=("train",)).split("train")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,15 +152,15 @@ def decode_pil_files(paths: list[Path]) -> int:
     return len(paths)
 
 
-def read_tars(split: Split) -> int:
-    return sum(1 for i, url in enumerate(split.urls) for _ in read_shard(url, split.lengths[i], split.num_classes))
+def read_tars(split: SplitShards) -> int:
+    return sum(1 for url, n in zip(split.urls, split.lengths) for _ in read_shard(url, n, split.num_classes))
 
 
 DECODE_BATCH = 128  # images per batch buffer in the decode-alone runs
 
 
 def batch_buffer() -> torch.Tensor:
-    return torch.empty(DECODE_BATCH, 3, 256, 256, dtype=torch.uint8, memory_format=torch.channels_last)
+    return torch.empty(DECODE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, memory_format=torch.channels_last)
 
 
 def decode_torchcodec_bytes(jpegs: list[bytes]) -> int:
@@ -222,19 +178,6 @@ def decode_pil_bytes(jpegs: list[bytes]) -> int:
         with Image.open(io.BytesIO(b)) as im:
             out[i % DECODE_BATCH] = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
     return len(jpegs)
-
-
-class StreamDataset(IterableDataset):
-    """A ShardStream as a torch IterableDataset, decoded in DataLoader's workers: the transport alextrain
-    used before train/loader.py, measured beside it (also by benchmarks/gpu_train.py)."""
-
-    def __init__(self, stream: ShardStream):
-        self.stream = stream
-
-    def __iter__(self):
-        info = get_worker_info()
-        for batch in self.stream.raw_batches(*((info.id, info.num_workers) if info is not None else (0, 1))):
-            yield tuple(decode_batch(batch))
 
 
 def warmup_batches(workers: int) -> int:
@@ -260,13 +203,13 @@ def imagefolder_run(root: Path, batch: int, batches: int, workers: int, seed: in
     return steady(loader, batches, warmup_batches(workers))  # batches of (B, 3, 224, 224) float32, (B,)
 
 
-def ours_run(split: Split, batch: int, batches: int, workers: int, seed: int) -> Run:
+def ours_run(split: SplitShards, batch: int, batches: int, workers: int, seed: int) -> Run:
     """`batches` batches of alextrain's training stream on the CPU (cycling through the shards)."""
     stream = ShardStream(split, batch, train=True, seed=seed, epoch=0, steps=batches)
-    return steady(make_loader(stream, workers, CPU), batches, warmup_batches(workers))  # (B, 3, 256, 256) uint8, (B,)
+    return steady(WorkerLoader(stream, workers), batches, warmup_batches(workers))  # (B, 3, 256, 256) uint8, (B,)
 
 
-def dataloader_run(split: Split, batch: int, batches: int, workers: int, seed: int) -> Run:
+def dataloader_run(split: SplitShards, batch: int, batches: int, workers: int, seed: int) -> Run:
     """The same stream through torch's DataLoader workers instead of alextrain's slot ring (the
     transport alextrain used before): each batch travels through a fresh shared-memory segment."""
     from torch.utils.data import DataLoader
@@ -299,7 +242,7 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return rss, int(fields["Pss_Anon:"]) + int(fields["Pss_Shmem:"])
 
 
-def loader_memory(split: Split, *, epochs: int = 3, batch: int = 64, workers: int = 2, steps: int | None = None,
+def loader_memory(split: SplitShards, *, epochs: int = 3, batch: int = 64, workers: int = 2, steps: int | None = None,
                   seed: int = 0) -> list[dict]:
     """Run `epochs` epochs of `steps` batches (default: one pass over the split) of our loader as
     alextrain does (a fresh stream and DataLoader per epoch) and
@@ -311,7 +254,7 @@ def loader_memory(split: Split, *, epochs: int = 3, batch: int = 64, workers: in
     for epoch in range(epochs):
         stream = ShardStream(split, batch, train=True, seed=seed, epoch=epoch, steps=steps)
         peak = seen = 0
-        for images, labels in make_loader(stream, workers, CPU):
+        for images, labels in WorkerLoader(stream, workers):
             # Touch every page of the batch, as the copy to the training device does: a batch that is
             # kept alive by mistake then stays resident in the main process and shows in its RSS.
             images.permute(0, 2, 3, 1).reshape(-1)[::4096].sum()  # a view: the batch is channels_last
@@ -347,7 +290,7 @@ def run(images: int, classes: int, batch: int, batches: int, workers: list[int],
         # More shards than readers (2 at most here), so that each reader owns whole shards.
         split = build_photo_shards(root, out, shard_size=max(1, images // 8), workers=cores)
         build_s = time.perf_counter() - t
-        jpegs = [s.jpg for i, url in enumerate(split.urls) for s in read_shard(url, split.lengths[i], split.num_classes)]
+        jpegs = [s.jpg for url, n in zip(split.urls, split.lengths) for s in read_shard(url, n, split.num_classes)]
         data = {
             "images": len(paths), "classes": classes, "shards": len(split.urls),
             "original_mean_kb": sum(p.stat().st_size for p in paths) / len(paths) / 1e3,
@@ -423,7 +366,7 @@ def label(name: str) -> str:
     if name.startswith("dataloader_w"):
         return f"ShardStream through torch's DataLoader (a shared-memory segment per batch), {name[12:]} workers"
     if name.startswith("ours_w"):
-        return f"ours: ShardStream + make_loader (reused shared slots) -> uint8 (B,3,256,256), {name[6:]} workers"
+        return f"ours: ShardStream + WorkerLoader (reused shared slots) -> uint8 (B,3,256,256), {name[6:]} workers"
     return LABELS[name]
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from benchmarks.common import sync
 from prep.contract import write_json
 from train.lrn import PaperLRN, backend
 
@@ -63,11 +64,6 @@ def check(device: str) -> list[dict]:
             rows.append(dict(channels=channels, dtype=str(dtype).removeprefix("torch."), channels_last=channels_last,
                              backend=backend(x), forward_rel_err=fwd, backward_rel_err=bwd, ok=ok))
     return rows
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_ms(step, device: str, warmup: int, iters: int, repeats: int) -> float:

@@ -2,8 +2,8 @@
 eager or compiled, and CPU or GPU JPEG decode.
 
 First it writes photo-like JPEGs (ImageNet-sized, about 500x375) and builds them into 256 px shards with
-alexprep, using benchmarks/cpu_loader.py's helpers (about half a minute on 16 cores). Then:
-  - loader-only: alextrain's input (ShardStream -> make_loader -> DeviceLoader) from the shards to uint8
+alexprep (benchmarks/common.py; about half a minute on 16 cores). Then:
+  - loader-only: alextrain's input (ShardStream -> DeviceLoader) from the shards to uint8
     (B, 3, 256, 256) batches on the device: CPU workers decode into page-locked shared slots that are
     copied to the device on a side stream (decode="cpu"), or the workers pass JPEG bytes and the device
     decodes them in batches (decode="gpu"), or both (decode="both": the device decodes the batches the
@@ -41,17 +41,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cpu_loader import PHOTO_SIZES, QUICK_SIZES, StreamDataset, build_photo_shards, write_photo_tree
-from prep.contract import write_json
-from train.augment import PixelStats
+from benchmarks.common import PHOTO_SIZES, QUICK_SIZES, StreamDataset, build_photo_shards, machine, sync, write_photo_tree
+from prep.contract import IMAGE_SIZE, IMAGENET_TRAIN_IMAGES, write_json
+from prep.text import first_line
+from train.augment import StatsTensors
 from train.device_decode import DecoderUnavailable, import_nvimgcodec
-from train.evaluate import topk_correct
-from train.loader import DeviceLoader, make_loader
+from train.loader import DeviceLoader
 from train.loop import train_step
+from train.metrics import topk_correct
 from train.model import ARCHS, INPUTS, build_model
-from train.stream import ShardStream, Split, open_shards, seed_for
+from train.stream import ShardStream, SplitShards, open_shards, seed_for
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_EPOCHS = 90
 NUM_CLASSES = 1000  # the ImageNet model's classifier, whatever the test shards' labels are
 LIGHTING_STD = 0.1  # alextrain's default PCA lighting
@@ -103,17 +103,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 time_limit=args.time_limit)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class TrainStep:
     """alextrain's training step (train.loop.train_step) without its logging and checkpoints: per-step
     seeds, channels_last on CUDA, train_views on the device, bf16 autocast (CUDA), cross-entropy in
     float32, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), top-1/top-5 hits accumulated on the device."""
 
-    def __init__(self, arch: str, device: torch.device, compile: bool, stats: PixelStats, crop: int):
+    def __init__(self, arch: str, device: torch.device, compile: bool, stats: StatsTensors, crop: int):
         torch.manual_seed(0)
         model = build_model(arch, NUM_CLASSES).to(device)
         if device.type == "cuda":
@@ -138,7 +133,7 @@ class TrainStep:
 def model_only(step: TrainStep, batch: int, warmup: int, timed: int, device: torch.device) -> dict:
     """Images/s of `step` on random uint8 batches already on the device (two, alternating)."""
     gen = torch.Generator(device).manual_seed(0)
-    images = [torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device, generator=gen) for _ in range(2)]
+    images = [torch.randint(0, 256, (batch, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device, generator=gen) for _ in range(2)]
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=gen)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -181,7 +176,7 @@ class TorchDataLoaderInput:
             t0 = time.perf_counter()
 
 
-def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, decode: str, device: torch.device,
+def stream_run(split: SplitShards, batch: int, warmup: int, timed: int, workers: int, decode: str, device: torch.device,
                step: TrainStep | None, epoch: int, transport: str = "slots") -> dict:
     """Images/s of alextrain's loader alone (step None) or feeding `step`; `warmup` batches first.
     data_wait: the share of the timed seconds the loop spent blocked on the loader. transport
@@ -191,7 +186,7 @@ def stream_run(split: Split, batch: int, warmup: int, timed: int, workers: int, 
     if transport == "dataloader":
         loader = TorchDataLoaderInput(stream, workers, device)
     else:
-        loader = DeviceLoader(make_loader(stream, workers, device, decode=where), device, gpu_decoder or "torchvision")
+        loader = DeviceLoader(stream, device, workers=workers, decode=where, gpu_decoder=gpu_decoder or "torchvision")
     batches = iter(loader)
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -243,7 +238,7 @@ class Bench:
             result = fn(*args)
         except Exception as e:  # one failing configuration (say, out of memory) must not lose the others
             traceback.print_exc()
-            result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            result = {"error": f"{type(e).__name__}: {first_line(e)}"}
         row = {**key, **result}
         self.report[kind].append(row)
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
@@ -272,13 +267,13 @@ def run(plan: Plan, folder: Path | None, json_path: str | None) -> dict:
         split = shards.split("train")
         report["shards"].update(folder=str(folder), num_samples=split.num_samples, num_shards=len(split.urls),
                                 mean_sample_kb=sum(f.stat().st_size for f in folder.glob("train-*.tar")) / split.num_samples / 1e3)
-        report["machine"] = machine(device)
+        report["machine"] = {**machine(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         print(f"shards: {report['shards']}\nmachine: {report['machine']}", flush=True)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as alextrain does
         bench = Bench(plan, report, json_path)
         bench.save()
-        stats = PixelStats.from_json(shards.stats, device)
+        stats = StatsTensors.of(shards.stats, device)
         epoch = 0  # each stream gets its own epoch number, so its shard order differs from the last one's
 
         for batch in plan.batches:
@@ -318,14 +313,6 @@ def run(plan: Plan, folder: Path | None, json_path: str | None) -> dict:
                         torch.cuda.empty_cache()
         bench.save()
     return report
-
-
-def machine(device: torch.device) -> dict:
-    import PIL
-    import torchvision
-
-    return {"cores": len(os.sched_getaffinity(0)), "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def fmt(value, spec: str) -> str:

@@ -37,7 +37,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,8 +48,7 @@ from pathlib import Path
 
 from PIL import Image
 
-SIZE, QUALITY = 256, 90
-IMAGENET_TRAIN = 1_281_167  # ImageNet-1k's train images
+SIZE, QUALITY = 256, 90  # alexprep's image size and default JPEG quality (prep.contract, prep.build)
 
 
 def naive(path: Path) -> bytes:
@@ -121,8 +119,9 @@ def make_images(folder: Path, n: int, large_fraction: float, seed: int, workers:
     """Write n photo-like q90 JPEGs: ImageNet-like sizes, and about `large_fraction` of 2000..3200 px."""
     import numpy as np
 
+    from benchmarks.common import PHOTO_SIZES, write_photos
+
     rng = np.random.default_rng(seed)
-    common = [(500, 375), (375, 500), (500, 333), (500, 500), (400, 300), (333, 500), (500, 400)]
     specs, n_large = [], round(n * large_fraction)
     for i in range(n):
         if i < n_large:
@@ -130,21 +129,11 @@ def make_images(folder: Path, n: int, large_fraction: float, seed: int, workers:
             short = int(long * rng.uniform(0.66, 0.8))
             wh = (long, short) if rng.random() < 0.7 else (short, long)
         else:
-            wh = common[int(rng.integers(len(common)))]
+            wh = PHOTO_SIZES[int(rng.integers(len(PHOTO_SIZES)))]
         name = f"{'large' if i < n_large else 'small'}_{i:05d}.jpg"
         specs.append((folder / name, wh, seed * 1_000_003 + i))
-    with Pool(workers) as pool:
-        pool.map(_write_photo, specs, chunksize=1)
+    write_photos(specs, workers)
     return sorted(p for p, _, _ in specs)
-
-
-def _write_photo(spec) -> None:
-    import numpy as np
-
-    from prep.synthetic import photo
-
-    path, (w, h), seed = spec
-    Image.fromarray(photo(np.random.default_rng(seed), w, h)).save(path, format="JPEG", quality=QUALITY)
 
 
 def _ready(_: int) -> int:
@@ -169,6 +158,7 @@ def pool_seconds(paths: list[Path], workers: int, repeat: int) -> float:
 def build_vs_minimal(root: Path, n: int, seed: int, workers: int, repeat: int) -> dict:
     """CPU seconds per image of (e), (f) and (f8) on the same `n` ImageNet-sized photos (best of `repeat`)."""
     from prep.build import build_shards
+    from prep.contract import IMAGENET_TRAIN_IMAGES
     from prep.stats import sample_every
 
     tree = root / "tree"
@@ -190,7 +180,7 @@ def build_vs_minimal(root: Path, n: int, seed: int, workers: int, repeat: int) -
         "minimal_bicubic": lambda: minimal_to_tar(paths, tar_path, Image.BICUBIC),
         "minimal_lanczos": lambda: minimal_to_tar(paths, tar_path, Image.LANCZOS),
         "build": build,
-        "build_sampled": lambda: build(sample_every(IMAGENET_TRAIN)),
+        "build_sampled": lambda: build(sample_every(IMAGENET_TRAIN_IMAGES)),
     }
     best = {name: float("inf") for name in methods}
     for _ in range(repeat):
@@ -210,6 +200,7 @@ def stats_options(datas: list[bytes], repeat: int) -> dict:
     eigval_k = v_k' (E[x x'] - mean mean') v_k with v_k fixed)."""
     import numpy as np
 
+    from prep.contract import IMAGENET_TRAIN_IMAGES
     from prep.image import jpeg_sums, process, resize_crop
     from prep.stats import PixelSums, sample_every
 
@@ -240,8 +231,8 @@ def stats_options(datas: list[bytes], repeat: int) -> dict:
     mean, std = np.array(ref["mean"]), np.array(ref["std"])
     vec, val = np.array(ref["eigvec"]), np.array(ref["eigval"])
     eig_terms = np.einsum("ik,nij,jk->nk", vec, outer, vec) - 2 * (mean @ vec) * (m1 @ vec)  # (images, 3)
-    sample = -(-IMAGENET_TRAIN // sample_every(IMAGENET_TRAIN))
-    factor = np.sqrt((1 - sample / IMAGENET_TRAIN) / sample)
+    sample = -(-IMAGENET_TRAIN_IMAGES // sample_every(IMAGENET_TRAIN_IMAGES))
+    factor = np.sqrt((1 - sample / IMAGENET_TRAIN_IMAGES) / sample)
     result["imagenet_sample"] = {
         "images": sample,
         "spread_of_image_means": float(m1.std(axis=0, ddof=1).max()),
@@ -252,48 +243,10 @@ def stats_options(datas: list[bytes], repeat: int) -> dict:
     return result
 
 
-def machine() -> dict:
-    import PIL.features
+def measure(args: argparse.Namespace, cores: int) -> dict:
+    """Every measurement of the module docstring, on images generated into a temporary folder."""
+    from prep import synthetic
 
-    from prep.image import pillow_flavour
-
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "pillow": pillow_flavour(),
-        "libjpeg_turbo": PIL.features.version("libjpeg_turbo"),
-        "load_average_before": os.getloadavg()[0],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=200, help="how many test images (default 200)")
-    ap.add_argument("--large-fraction", type=float, default=0.1, help="share above 2000 px (default 0.1)")
-    ap.add_argument("--repeat", type=int, default=3, help="passes per method; the best counts (default 3)")
-    ap.add_argument("--build-images", type=int, default=400,
-                    help="ImageNet-sized photos for the build vs minimal script comparison (default 400)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--plain-python", help="another interpreter to run (a) under too, e.g. stock Pillow's")
-    ap.add_argument("--naive-only", type=Path, help=argparse.SUPPRESS)  # used through --plain-python
-    args = ap.parse_args()
-    if args.naive_only:
-        naive_only(args.naive_only, args.repeat)
-        return
-
-    info = machine()
-    cores = info["cores"]
     with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
         t = time.perf_counter()
         paths = make_images(Path(tmp), args.images, args.large_fraction, args.seed, cores)
@@ -311,6 +264,7 @@ def main() -> None:
             for name, fn in serial.items():
                 passes[name].append(time_each(fn, paths))
         best = {name: min(runs, key=sum) for name, runs in passes.items()}
+        plain_pillow = None
         if args.plain_python:
             out = subprocess.run(
                 [args.plain_python, __file__, "--naive-only", tmp, "--repeat", str(args.repeat)],
@@ -318,18 +272,21 @@ def main() -> None:
             )
             plain = json.loads(out.stdout)
             best["naive_plain"] = [plain["seconds"][p.name] for p in paths]
-            info["plain_pillow"] = plain["pil"]
+            plain_pillow = plain["pil"]
         pools = {n: pool_seconds(paths, n, args.repeat) for n in sorted({1, min(2, cores)})}
-        per_image = build_vs_minimal(Path(tmp) / "build", args.build_images, args.seed + 1, cores, args.repeat)
-        from prep import synthetic
-
+        build = build_vs_minimal(Path(tmp) / "build", args.build_images, args.seed + 1, cores, args.repeat)
         stats_sets = {
             "photos": [p.read_bytes() for p in sorted((Path(tmp) / "build" / "tree").rglob("*.JPEG"))],
             "synthetic": [synthetic.image_bytes(k, c) for k, c in synthetic.items("train", args.seed, per_class=30)],
         }
-        stats = {name: stats_options(datas, args.repeat) for name, datas in stats_sets.items()}
+        stats = {name: {**stats_options(datas, args.repeat), "images": len(datas)} for name, datas in stats_sets.items()}
+    return {"large": large, "data_mb": data_mb, "best": best, "plain_pillow": plain_pillow, "pools": pools,
+            "build_per_image": build, "stats": stats}
 
-    n = len(paths)
+
+def per_core_results(m: dict) -> dict:
+    """Images/s of (a) to (d), their ratio to (a), and ms per image of the ImageNet-sized and the large ones."""
+    large, n = m["large"], len(m["large"])
 
     def row(per_image: list[float]) -> dict:
         small = [s for s, big in zip(per_image, large) if not big]
@@ -340,8 +297,8 @@ def main() -> None:
             "ms_large": 1e3 * sum(big) / max(1, len(big)),
         }
 
-    results = {name: row(times) for name, times in best.items()}
-    for workers, seconds in pools.items():
+    results = {name: row(times) for name, times in m["best"].items()}
+    for workers, seconds in m["pools"].items():
         results[f"ours_pool{workers}"] = {"images_per_s": n / seconds}
     base = results["naive"]["images_per_s"]
     for r in results.values():
@@ -349,10 +306,13 @@ def main() -> None:
     if "naive_plain" in results:
         for r in results.values():
             r["x_naive_plain"] = r["images_per_s"] / results["naive_plain"]["images_per_s"]
+    return results
 
+
+def per_core_table(results: dict, pillow: str, plain_pillow: str | None) -> str:
     labels = {
-        "naive": f"(a) plain script: open, convert, Lanczos resize, crop, save ({info['pillow']}); CPU time",
-        "naive_plain": f"(a') the same plain script under stock Pillow {info.get('plain_pillow')}; CPU time",
+        "naive": f"(a) plain script: open, convert, Lanczos resize, crop, save ({pillow}); CPU time",
+        "naive_plain": f"(a') the same plain script under stock Pillow {plain_pillow}; CPU time",
         "decode": "(b) decode only: open + load; CPU time",
         "ours": "(c) alexprep `process()`, one process (per core); CPU time",
         "ours_pool1": "(d) alexprep `process()`, pool of 1 worker process; wall time",
@@ -371,56 +331,92 @@ def main() -> None:
             cells.append(f"{r['x_naive_plain']:.2f}")
         cells += [f"{r['ms_imagenet_sized']:.2f}", f"{r['ms_large']:.1f}"] if "ms_large" in r else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(
-        f"machine: {info['cpu']}, {cores} cores, Python {info['python']}, {info['pillow']} "
-        f"(libjpeg-turbo {info['libjpeg_turbo']}), {info['date']}, "
-        f"load average before {info['load_average_before']:.2f}"
-    )
-    print(f"images: {n} photo-like JPEG q90, {sum(large)} of them 2000..3200 px, {data_mb:.1f} MB; "
-          f"best of {args.repeat} passes\n")
-    print(table)
-    if 2 in pools:
-        print(f"\nscaling 1 -> 2 workers: {pools[1] / pools[2]:.2f}x")
+    return "\n".join(lines)
+
+
+BUILD_LABELS = {
+    "minimal_bicubic": "(e) minimal script: open, convert, bicubic 256, crop, JPEG q90, append to tar",
+    "minimal_lanczos": "(e') the same with Lanczos (alexprep's filter)",
+    "build": "(f) build_shards(workers=1), train split: statistics of every image, shard tar, records, _info.json",
+    "build_sampled": "(f8) the same with ImageNet's statistics sample, every 8th image (stats_every=8)",
+}
+
+
+def build_results(per_image: dict) -> dict:
+    """(e), (f) and (f8) in ms per image and images per CPU-second, and (f8)'s and (f)'s ratios to (e)."""
     build = {name: {"ms_per_image": 1e3 * sec, "images_per_cpu_s": 1 / sec} for name, sec in per_image.items()}
     build["ratio"] = per_image["minimal_bicubic"] / per_image["build_sampled"]
     build["ratio_lanczos"] = per_image["minimal_lanczos"] / per_image["build_sampled"]
     build["ratio_every_image"] = per_image["minimal_bicubic"] / per_image["build"]
-    build_labels = {
-        "minimal_bicubic": "(e) minimal script: open, convert, bicubic 256, crop, JPEG q90, append to tar",
-        "minimal_lanczos": "(e') the same with Lanczos (alexprep's filter)",
-        "build": "(f) build_shards(workers=1), train split: statistics of every image, shard tar, records, "
-                 "_info.json",
-        "build_sampled": "(f8) the same with ImageNet's statistics sample, every 8th image (stats_every=8)",
-    }
+    return build
+
+
+def print_stats(stats: dict) -> None:
+    from prep.contract import IMAGENET_TRAIN_IMAGES
+
+    print("\npixel statistics of the written JPEGs decoded again (the build) vs of the pixels before encoding:")
+    for name, r in stats.items():
+        d = r["deviation"]
+        print(f"  {name} ({r['images']} images): decoded {r['decoded']['ms_per_image']:.2f} ms/img, "
+              f"before encoding {r['before_encoding']['ms_per_image']:.2f} ms/img; apart by mean {d['mean']:.1e}, "
+              f"std {d['std']:.1e}, cov {d['cov']:.1e}, eigenvalues {100 * d['eigval_rel']:.1f}%")
+    for name, r in stats.items():
+        e = r["imagenet_sample"]
+        print(f"  ImageNet's sample ({e['images']:,} of {IMAGENET_TRAIN_IMAGES:,}) with the spread of {name} (image means "
+              f"spread {e['spread_of_image_means']:.3f}): standard error of the mean {e['se_mean']:.1e}, "
+              f"of the std {e['se_std']:.1e}, of the eigenvalues {100 * e['se_eigval_rel']:.2f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=200, help="how many test images (default 200)")
+    ap.add_argument("--large-fraction", type=float, default=0.1, help="share above 2000 px (default 0.1)")
+    ap.add_argument("--repeat", type=int, default=3, help="passes per method; the best counts (default 3)")
+    ap.add_argument("--build-images", type=int, default=400,
+                    help="ImageNet-sized photos for the build vs minimal script comparison (default 400)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--plain-python", help="another interpreter to run (a) under too, e.g. stock Pillow's")
+    ap.add_argument("--naive-only", type=Path, help=argparse.SUPPRESS)  # used through --plain-python
+    args = ap.parse_args()
+    if args.naive_only:
+        naive_only(args.naive_only, args.repeat)
+        return
+    from benchmarks.common import machine
+    from prep.contract import write_json
+
+    info = machine()
+    m = measure(args, info["cores"])
+    if m["plain_pillow"]:
+        info["plain_pillow"] = m["plain_pillow"]
+    results = per_core_results(m)
+    table = per_core_table(results, info["pillow"], m["plain_pillow"])
+    n, large = len(m["large"]), sum(m["large"])
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, {info['pillow']} "
+        f"(libjpeg-turbo {info['libjpeg_turbo']}), {info['date']}, load average before {info['load_average']:.2f}"
+    )
+    print(f"images: {n} photo-like JPEG q90, {large} of them 2000..3200 px, {m['data_mb']:.1f} MB; "
+          f"best of {args.repeat} passes\n")
+    print(table)
+    if 2 in m["pools"]:
+        print(f"\nscaling 1 -> 2 workers: {m['pools'][1] / m['pools'][2]:.2f}x")
+    build = build_results(m["build_per_image"])
     build_table = "\n".join(["| what | images per CPU-second | ms/img |", "| --- | --- | --- |"] + [
         f"| {label} | {build[name]['images_per_cpu_s']:.0f} | {build[name]['ms_per_image']:.2f} |"
-        for name, label in build_labels.items()])
+        for name, label in BUILD_LABELS.items()])
     print(f"\nbuild vs minimal script: {args.build_images} ImageNet-sized photo-like JPEG q90 as an ILSVRC "
           f"tree; CPU time, best of {args.repeat}\n")
     print(build_table)
     print(f"\nbuild-shards --workers 1 as on ImageNet (f8) / minimal script (bicubic), images per CPU-second: "
           f"{build['ratio']:.2f}x (against the Lanczos variant: {build['ratio_lanczos']:.2f}x; with the statistics "
           f"of every image (f): {build['ratio_every_image']:.2f}x)")
-    print("\npixel statistics of the written JPEGs decoded again (the build) vs of the pixels before encoding:")
-    for name, r in stats.items():
-        d = r["deviation"]
-        print(f"  {name} ({len(stats_sets[name])} images): decoded {r['decoded']['ms_per_image']:.2f} ms/img, "
-              f"before encoding {r['before_encoding']['ms_per_image']:.2f} ms/img; apart by mean {d['mean']:.1e}, "
-              f"std {d['std']:.1e}, cov {d['cov']:.1e}, eigenvalues {100 * d['eigval_rel']:.1f}%")
-    for name, r in stats.items():
-        e = r["imagenet_sample"]
-        print(f"  ImageNet's sample ({e['images']:,} of {IMAGENET_TRAIN:,}) with the spread of {name} (image means "
-              f"spread {e['spread_of_image_means']:.3f}): standard error of the mean {e['se_mean']:.1e}, "
-              f"of the std {e['se_std']:.1e}, of the eigenvalues {100 * e['se_eigval_rel']:.2f}%")
+    print_stats(m["stats"])
     if args.json:
-        images = {"count": n, "large": sum(large), "megabytes": data_mb, "repeat": args.repeat,
+        images = {"count": n, "large": large, "megabytes": m["data_mb"], "repeat": args.repeat,
                   "build_images": args.build_images}
-        payload = {"machine": info, "images": images, "results": results, "table": table, "build": build,
-                   "build_table": build_table, "stats_options": stats}
-        tmp_path = args.json.with_name(f".tmp-{args.json.name}")
-        tmp_path.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp_path, args.json)
+        write_json(args.json, {"machine": info, "images": images, "results": results, "table": table, "build": build,
+                               "build_table": build_table, "stats_options": m["stats"]})
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -33,7 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, machine
+from prep.contract import write_json
 
 
 @dataclass(frozen=True)
@@ -155,44 +154,6 @@ def markdown(rows: list[tuple]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _first_line(path: str, prefix: str) -> str | None:
-    try:
-        with open(path) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(prefix)), None)
-    except OSError:
-        return None
-
-
-def _command(cmd: list[str]) -> str | None:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def machine() -> dict:
-    """The machine and software the numbers belong to (no CUDA context is created)."""
-    import PIL
-    import torch
-    import torchvision
-
-    mem = _first_line("/proc/meminfo", "MemTotal")
-    status = _command(["git", "status", "--porcelain"])
-    return {
-        "cpu": _first_line("/proc/cpuinfo", "model name") or platform.processor(),
-        "cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(int(mem.split()[0]) / 2**20, 1) if mem else None,
-        "gpu": _command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
-        "git_commit": _command(["git", "rev-parse", "HEAD"]),
-        "git_dirty": bool(status) if status is not None else None,
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS),
@@ -217,8 +178,6 @@ def main() -> int:
     report = {"machine": machine(), "date": started.isoformat(timespec="seconds"),
               "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]]),
               "sections": {}, "failed": [], "table": ""}
-    from prep.contract import write_json
-
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
     print(f"machine: {json.dumps(report['machine'])}", flush=True)

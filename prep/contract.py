@@ -1,9 +1,12 @@
 """The shard-folder contract between `alexprep` (writer) and `alextrain` (reader).
 
-Everything both programs must agree on lives here: file names, sample fields, how tar members
-group into samples, the layout of `_info.json` and `stats.json`, the class table, and the one way
-files are written (temporary name, then rename). Light on purpose: only the standard library, so the trainer can import it without
-pulling in `datasets` or Pillow.
+Everything both programs must agree on lives here: file names, sample fields, how tar members group
+into samples, the class table, and the one way files are written (temporary name, then rename).
+`_info.json` and `stats.json` are parsed once, when read, into frozen objects (FolderInfo with its
+SplitInfo, ShardRecord and SkippedInput; PixelStats), each checked field by field with one clear
+line for what is wrong; their `to_json()` gives back the file's content, so the field names are
+spelled here alone. Light on purpose: only the standard library, so the trainer can import it
+without pulling in `datasets` or Pillow.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ STATS_NAME = "stats.json"
 SPLITS = ("train", "validation")
 IMAGE_SIZE = 256  # every sample's `jpg` is IMAGE_SIZE x IMAGE_SIZE RGB
 PIXEL_MAX = 255  # uint8 pixels; stats.json's 0..1 scale is k / PIXEL_MAX
-FIELDS = ("jpg", "cls", "json")  # the fields of every sample, besides __key__
+JPG, CLS, META = "jpg", "cls", "json"  # a sample's fields besides __key__: the image, its class index, its metadata
+FIELDS = (JPG, CLS, META)  # in the order a sample's tar members are written
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's train split (ImageNet-1k on the Hub: the same images)
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; put it straight back
 
@@ -37,12 +42,19 @@ class ContractError(Exception):
 
 @dataclass(frozen=True)
 class ClassInfo:
+    """One row of the class table: index = position of the wnid in sorted order (Hugging Face's label)."""
+
     index: int
     wnid: str
-    name: str
+    name: str  # ImageNet's names list synonyms: "tench, Tinca tinca"
 
     def to_json(self) -> dict:
         return {"index": self.index, "wnid": self.wnid, "name": self.name}
+
+
+def short_name(name: str) -> str:
+    """A class name's first synonym ('tench, Tinca tinca' -> 'tench'): enough on a picture or a file name."""
+    return name.split(",", 1)[0].strip()
 
 
 def shard_name(split: str, index: int) -> str:
@@ -87,16 +99,24 @@ def write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _json_object(data: bytes, source: str, what: str) -> dict:
+    """The JSON object in `data` (the bytes of the file `what`, read from `source`)."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError is a ValueError
+        raise ContractError(f"{source}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise ContractError(f"{source}: {what} is not a JSON object")
+    return obj
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
     if not path.is_file():
         raise ContractError(f"{path}: no {what} here; build the folder with `alexprep build-shards --out {path.parent}`")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ContractError(f"{path}: unreadable {what} ({e})") from e
-    if not isinstance(obj, dict):
-        raise ContractError(f"{path}: {what} is not a JSON object")
-    return obj
+        return path.read_bytes()
+    except OSError as e:
+        raise ContractError(f"{path}: unreadable {what} ({e})") from None
 
 
 def is_shard_filename(name) -> bool:
@@ -117,83 +137,171 @@ def _is_text(value) -> bool:
     return isinstance(value, str)
 
 
-def _require(path: Path, where: str, obj: dict, key: str, ok, what: str) -> None:
-    """ContractError unless `obj[key]` exists and `ok(obj[key])`; the line names the file, the place and the field."""
-    if key not in obj:
-        raise ContractError(f"{path}: {where}: `{key}` missing ({what})")
-    if not ok(obj[key]):
-        raise ContractError(f"{path}: {where}: `{key}` is not {what}: {obj[key]!r:.80}")
-
-
-# What readers take from a shard record (verify: sha256, size, num_samples; the trainer: size) and
-# from a skipped input (stats: reason): each field with its type.
-_RECORD_FIELDS = (("num_samples", _is_count, "a sample count"), ("sha256", _is_sha256, "64 lowercase hex digits"),
-                  ("size", _is_count, "a byte count"))
-_SKIPPED_FIELDS = (("key", _is_text, "a string"), ("reason", _is_text, "a string"))
-
-
-def _check_split(path: Path, split: str, entry, num_classes: int) -> None:
-    """One split's entry of `_info.json`: shard names that stay in the folder, lengths that add up,
-    and every field a reader uses, with its type."""
-    if not isinstance(entry, dict):
-        raise ContractError(f"{path}: split {split!r} is not an object")
-    names, lengths = entry.get("filenames"), entry.get("shard_lengths")
-    if not isinstance(names, list) or not isinstance(lengths, list) or not all(_is_count(n) for n in lengths):
-        raise ContractError(f"{path}: split {split!r} needs lists `filenames` and `shard_lengths` (sample counts)")
-    records = entry.get("shards", [])
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ContractError(f"{path}: split {split!r}: `shards` is not a list of objects")
-    for name in names + [r.get("filename") for r in records]:
-        if not is_shard_filename(name):
-            raise ContractError(f"{path}: split {split!r} names shard {name!r}; a shard is a plain .tar file name in this folder")
-    if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples"):
-        raise ContractError(f"{path}: split {split!r} has inconsistent filenames/shard_lengths/num_samples")
-    for record in records:
-        for key, ok, what in _RECORD_FIELDS:
-            _require(path, f"split {split!r}, shard record {record['filename']}", record, key, ok, what)
-    where = f"split {split!r}"
-    _require(path, where, entry, "num_inputs", _is_count, "a count of inputs")
-    _require(path, where, entry, "skipped", lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
-             "a list of objects {key, reason}")
-    for i, item in enumerate(entry["skipped"]):
-        for key, ok, what in _SKIPPED_FIELDS:
-            _require(path, f"{where}, skipped input {i}", item, key, ok, what)
-    _require(path, where, entry, "class_counts", lambda v: isinstance(v, list) and len(v) == num_classes and all(_is_count(n) for n in v),
-             f"a list of {num_classes} sample counts, one per class")
-
-
-def _check_classes(path: Path, classes) -> None:
-    if not isinstance(classes, list) or not classes:
-        raise ContractError(f"{path}: no class table (`classes`: a list of {{index, wnid, name}})")
-    for i, c in enumerate(classes):
-        ok = isinstance(c, dict) and c.get("index") == i and not isinstance(c.get("index"), bool)
-        if not (ok and isinstance(c.get("wnid"), str) and isinstance(c.get("name"), str)):
-            raise ContractError(f"{path}: class entry {i} is not {{\"index\": {i}, \"wnid\": ..., \"name\": ...}}: {str(c)[:80]}")
-
-
-def read_info(folder: str | os.PathLike) -> dict:
-    """Load and check `_info.json`: schema version, the class table, splits (shard names that are plain
-    file names in the folder, lengths that add up) and every field a reader takes from them, with its
-    type (shard records, skipped inputs, class counts); raise ContractError with one clear line."""
-    path = Path(folder) / INFO_NAME
-    info = _read_json(path, INFO_NAME)
-    version = info.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ContractError(f"{path}: schema_version {version!r}, this program reads {SCHEMA_VERSION}")
-    _check_classes(path, info.get("classes"))
-    splits = info.get("splits")
-    if not isinstance(splits, dict):
-        raise ContractError(f"{path}: `splits` {'missing' if splits is None else 'is not an object'}")
-    for split, entry in splits.items():
-        _check_split(path, split, entry, len(info["classes"]))
-    if not isinstance(info.get("options", {}), dict):
-        raise ContractError(f"{path}: `options` is not an object: {info['options']!r:.80}")
-    return info
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+def _require(source: str, where: str, obj: dict, key: str, ok, what: str):
+    """`obj[key]`; ContractError unless it exists and `ok(obj[key])`; the line names the file, the place and the field."""
+    if key not in obj:
+        raise ContractError(f"{source}: {where}: `{key}` missing ({what})")
+    if not ok(obj[key]):
+        raise ContractError(f"{source}: {where}: `{key}` is not {what}: {obj[key]!r:.80}")
+    return obj[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# _info.json
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A shard as `_info.json` records it: what `alexprep verify` checks the file against (the trainer
+    checks `size` before it starts)."""
+
+    filename: str
+    num_samples: int
+    sha256: str  # 64 lowercase hex digits
+    size: int  # bytes
+
+    def to_json(self) -> dict:
+        return {"filename": self.filename, "num_samples": self.num_samples, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_json(cls, record: dict, source: str, where: str) -> ShardRecord:
+        where = f"{where}, shard record {record['filename']}"
+        return cls(record["filename"], *(_require(source, where, record, key, ok, what) for key, ok, what in (
+            ("num_samples", _is_count, "a sample count"), ("sha256", _is_sha256, "64 lowercase hex digits"),
+            ("size", _is_count, "a byte count"))))
+
+
+@dataclass(frozen=True)
+class SkippedInput:
+    """An input the build could not turn into a sample, with its one-line reason ("truncated image", ...)."""
+
+    key: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, item: dict, source: str, where: str) -> SkippedInput:
+        return cls(*(_require(source, where, item, key, _is_text, "a string") for key in ("key", "reason")))
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split's entry of `_info.json`: timm's layout (name, filenames, shard_lengths, num_samples)
+    and what this project adds (inputs read, shard records, skipped inputs, samples per class).
+    `filenames` and `shards` are kept as written, so `alexprep verify` can say where they disagree."""
+
+    name: str
+    filenames: tuple[str, ...]
+    shard_lengths: tuple[int, ...]  # samples per shard, in `filenames` order
+    num_samples: int  # = sum(shard_lengths)
+    num_inputs: int  # = num_samples + len(skipped) in a consistent folder (verify checks it)
+    shards: tuple[ShardRecord, ...]
+    skipped: tuple[SkippedInput, ...]
+    class_counts: tuple[int, ...]  # samples per class index
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "filenames": list(self.filenames), "shard_lengths": list(self.shard_lengths),
+                "num_samples": self.num_samples, "num_inputs": self.num_inputs,
+                "shards": [r.to_json() for r in self.shards], "skipped": [s.to_json() for s in self.skipped],
+                "class_counts": list(self.class_counts)}
+
+    @classmethod
+    def from_json(cls, entry, source: str, split: str, num_classes: int) -> SplitInfo:
+        """Check one split's entry: shard names that stay in the folder, lengths that add up, and every
+        field a reader uses, with its type."""
+        if not isinstance(entry, dict):
+            raise ContractError(f"{source}: split {split!r} is not an object")
+        names, lengths = entry.get("filenames"), entry.get("shard_lengths")
+        if not isinstance(names, list) or not isinstance(lengths, list) or not all(_is_count(n) for n in lengths):
+            raise ContractError(f"{source}: split {split!r} needs lists `filenames` and `shard_lengths` (sample counts)")
+        records = entry.get("shards", [])
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ContractError(f"{source}: split {split!r}: `shards` is not a list of objects")
+        for name in names + [r.get("filename") for r in records]:
+            if not is_shard_filename(name):
+                raise ContractError(f"{source}: split {split!r} names shard {name!r}; a shard is a plain .tar file name in this folder")
+        if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples"):
+            raise ContractError(f"{source}: split {split!r} has inconsistent filenames/shard_lengths/num_samples")
+        where = f"split {split!r}"
+        shards = tuple(ShardRecord.from_json(r, source, where) for r in records)
+        num_inputs = _require(source, where, entry, "num_inputs", _is_count, "a count of inputs")
+        skipped = _require(source, where, entry, "skipped", lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
+                           "a list of objects {key, reason}")
+        skipped = tuple(SkippedInput.from_json(item, source, f"{where}, skipped input {i}") for i, item in enumerate(skipped))
+        counts = _require(source, where, entry, "class_counts",
+                          lambda v: isinstance(v, list) and len(v) == num_classes and all(_is_count(n) for n in v),
+                          f"a list of {num_classes} sample counts, one per class")
+        return cls(entry.get("name", split), tuple(names), tuple(lengths), entry["num_samples"], num_inputs, shards, skipped,
+                   tuple(counts))
+
+
+def class_table(classes, source: str) -> tuple[ClassInfo, ...]:
+    """A class table as written in `_info.json` (and copied into checkpoints and exported models): a
+    non-empty list of {index, wnid, name}, index 0, 1, ... in order; ContractError naming `source`."""
+    if not isinstance(classes, list) or not classes:
+        raise ContractError(f"{source}: no class table (`classes`: a list of {{index, wnid, name}})")
+    for i, c in enumerate(classes):
+        ok = isinstance(c, dict) and c.get("index") == i and not isinstance(c.get("index"), bool)
+        if not (ok and isinstance(c.get("wnid"), str) and isinstance(c.get("name"), str)):
+            raise ContractError(f"{source}: class entry {i} is not {{\"index\": {i}, \"wnid\": ..., \"name\": ...}}: {str(c)[:80]}")
+    return tuple(ClassInfo(c["index"], c["wnid"], c["name"]) for c in classes)
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """`_info.json`: the folder's name, its splits (in the file's order), its class table, the options
+    it was built with (`prep.build.BuildConfig.to_json`, as recorded) and the Pillow that encoded it."""
+
+    name: str | None
+    splits: dict[str, SplitInfo]
+    classes: tuple[ClassInfo, ...]
+    options: dict
+    pillow: str | None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        """The file's content: `write_json(folder / INFO_NAME, info.to_json())` writes it."""
+        return {"name": self.name, "schema_version": self.schema_version,
+                "splits": {name: split.to_json() for name, split in self.splits.items()},
+                "classes": [c.to_json() for c in self.classes], "options": self.options, "pillow": self.pillow}
+
+    @classmethod
+    def from_json(cls, info: dict, source: str) -> FolderInfo:
+        """Check `_info.json`'s content: schema version, the class table, the splits (`SplitInfo.from_json`)
+        and the options; ContractError with one line naming `source`, the place and the field."""
+        version = info.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ContractError(f"{source}: schema_version {version!r}, this program reads {SCHEMA_VERSION}")
+        classes = class_table(info.get("classes"), source)
+        splits = info.get("splits")
+        if not isinstance(splits, dict):
+            raise ContractError(f"{source}: `splits` {'missing' if splits is None else 'is not an object'}")
+        splits = {name: SplitInfo.from_json(entry, source, name, len(classes)) for name, entry in splits.items()}
+        options = info.get("options", {})
+        if not isinstance(options, dict):
+            raise ContractError(f"{source}: `options` is not an object: {options!r:.80}")
+        return cls(info.get("name"), splits, classes, options, info.get("pillow"), version)
+
+
+def parse_info(data: bytes, source: str) -> FolderInfo:
+    """`_info.json`'s bytes (read from `source`, a path or URL), parsed and checked (`FolderInfo.from_json`)."""
+    return FolderInfo.from_json(_json_object(data, source, INFO_NAME), source)
+
+
+def read_info(folder: str | os.PathLike) -> FolderInfo:
+    """Load and check `_info.json`; ContractError with one clear line."""
+    path = Path(folder) / INFO_NAME
+    return parse_info(_read_bytes(path, INFO_NAME), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# stats.json
 
 # stats.json's numbers come from 256 x 256 pixels on a 0..1 scale (k / 255, k = 0..255), so each has a
 # range it cannot leave; exactly, with n = num_pixels:
@@ -210,67 +318,108 @@ def _is_number(value) -> bool:
 # (to the largest eigenvalue, for the eigenvalues and eigenvectors); _ROUNDING leaves a wide margin.
 _ROUNDING = 1e-9
 _MAX_NUM_PIXELS = 2**53
+_SHAPES = (("mean", (3,)), ("std", (3,)), ("eigval", (3,)), ("eigvec", (3, 3)), ("cov", (3, 3)))
+_DESCRIPTION = ("schema_version", "split", "pixels", "scale", "sample_every")  # recorded by the build, read by people
 
 
-def _stats_ranges(source: str, stats: dict) -> None:
-    """The exact ranges above, for shape-checked finite stats; ContractError naming the field."""
-    mean, std, cov, eigval, eigvec = (stats[k] for k in ("mean", "std", "cov", "eigval", "eigvec"))
-    images, pixels = stats["num_images"], stats["num_pixels"]
-    if not (images >= 1 and pixels == images * IMAGE_SIZE * IMAGE_SIZE and pixels < _MAX_NUM_PIXELS):
-        raise ContractError(f"{source}: fields 'num_images' {images} and 'num_pixels' {pixels}: num_pixels must be "
-                            f"num_images x {IMAGE_SIZE} x {IMAGE_SIZE}, from at least one image, below 2**53")
-    if not all(0 <= m <= 1 for m in mean):
-        raise ContractError(f"{source}: field 'mean' {mean} out of range: a mean of pixels on the 0..1 scale lies in [0, 1]")
-    if not all(s > 0 for s in std):
-        raise ContractError(f"{source}: std {std} has a channel without spread (std must be above 0)")
-    low = math.sqrt(pixels - 1) / (PIXEL_MAX * pixels) * (1 - _ROUNDING)
-    if not all(low <= s <= 0.5 * (1 + _ROUNDING) for s in std):
-        raise ContractError(f"{source}: field 'std' {std} out of range: a std of {pixels} pixels on the 0..1 scale "
-                            f"lies in [sqrt(num_pixels - 1) / (255 x num_pixels), 0.5] = [{low:.3g}, 0.5]")
-    for i in range(3):
-        if abs(cov[i][i] - std[i] ** 2) > std[i] ** 2 * _ROUNDING or any(
-                abs(cov[i][j]) > std[i] * std[j] * (1 + _ROUNDING) for j in range(3)):
-            raise ContractError(f"{source}: field 'cov' {cov} does not agree with 'std' {std}: cov[i][i] is std[i]^2 "
-                                f"and |cov[i][j]| at most std[i] std[j]")
-    slack = eigval[0] * _ROUNDING
-    if not (0.75 * (1 + _ROUNDING) >= eigval[0] >= eigval[1] >= eigval[2] >= -slack):
-        raise ContractError(f"{source}: field 'eigval' {eigval} out of range: the covariance's eigenvalues lie in "
-                            f"[0, 0.75], in descending order")
-    for i in range(3):
-        for j in range(3):
-            dot = sum(eigvec[k][i] * eigvec[k][j] for k in range(3))  # column i . column j
-            if abs(dot - (i == j)) > _ROUNDING:
-                raise ContractError(f"{source}: field 'eigvec' {eigvec} does not have orthonormal columns")
+@dataclass(frozen=True)
+class PixelStats:
+    """`stats.json`: the training split's pixel statistics on a 0..1 scale, in RGB order, with the
+    counts they come from and (as the build records them) how they were taken. Numbers are kept as
+    written (a JSON 1 stays an int), so `to_json()` gives the file's content back."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    cov: tuple[tuple[float, float, float], ...]  # (3, 3)
+    eigval: tuple[float, float, float]  # eigenvalues of cov, descending
+    eigvec: tuple[tuple[float, float, float], ...]  # (3, 3) rows; column j is the unit eigenvector of eigval[j]
+    num_images: int
+    num_pixels: int  # num_images x 256 x 256
+    schema_version: int | None = None
+    split: str | None = None  # "train"
+    pixels: str | None = None  # which pixels: "after JPEG encoding (the shards' images decoded)"
+    scale: str | None = None  # "0..1"
+    sample_every: int | None = None  # every k-th train image in written order (prep/stats.py)
+
+    def to_json(self) -> dict:
+        """The file's content (the descriptive fields only where recorded)."""
+        numbers = {"mean": list(self.mean), "std": list(self.std), "cov": [list(r) for r in self.cov],
+                   "eigval": list(self.eigval), "eigvec": [list(r) for r in self.eigvec],
+                   "num_images": self.num_images, "num_pixels": self.num_pixels}
+        return {**numbers, **{k: getattr(self, k) for k in _DESCRIPTION if getattr(self, k) is not None}}
+
+    @classmethod
+    def from_json(cls, stats, source: str) -> PixelStats:
+        """Check the content of a `stats.json` (or a record that holds its fields, such as a checkpoint's
+        or an exported model's copy; other keys are left alone): every number present with its shape,
+        finite, within the range pixels allow (comment above). `source` names it in the error:
+        ContractError with one clear line naming the field."""
+        if not isinstance(stats, dict):
+            raise ContractError(f"{source}: {STATS_NAME} is not a JSON object")
+        for key, shape in _SHAPES:
+            value = stats.get(key)
+            ok = isinstance(value, list) and len(value) == shape[0]
+            if ok and len(shape) == 2:
+                ok = all(isinstance(row, list) and len(row) == shape[1] for row in value)
+            if not ok:
+                raise ContractError(f"{source}: field {key!r} missing or not of shape {shape}")
+            numbers = value if len(shape) == 1 else [v for row in value for v in row]
+            if not all(_is_number(v) for v in numbers):
+                raise ContractError(f"{source}: field {key!r} holds a value that is not a finite number: {value}")
+        for key in ("num_images", "num_pixels"):
+            if not _is_count(stats.get(key)):
+                raise ContractError(f"{source}: field {key!r} missing or not a count: {stats.get(key)!r:.80}")
+        parsed = cls(tuple(stats["mean"]), tuple(stats["std"]), tuple(map(tuple, stats["cov"])), tuple(stats["eigval"]),
+                     tuple(map(tuple, stats["eigvec"])), stats["num_images"], stats["num_pixels"],
+                     **{k: stats[k] for k in _DESCRIPTION if k in stats})
+        parsed._check_ranges(source)
+        return parsed
+
+    def _check_ranges(self, source: str) -> None:
+        """The exact ranges above; ContractError naming the field."""
+        mean, std, cov, eigval, eigvec = (list(self.mean), list(self.std), [list(r) for r in self.cov], list(self.eigval),
+                                          [list(r) for r in self.eigvec])  # shown as written in stats.json
+        images, pixels = self.num_images, self.num_pixels
+        if not (images >= 1 and pixels == images * IMAGE_SIZE * IMAGE_SIZE and pixels < _MAX_NUM_PIXELS):
+            raise ContractError(f"{source}: fields 'num_images' {images} and 'num_pixels' {pixels}: num_pixels must be "
+                                f"num_images x {IMAGE_SIZE} x {IMAGE_SIZE}, from at least one image, below 2**53")
+        if not all(0 <= m <= 1 for m in mean):
+            raise ContractError(f"{source}: field 'mean' {mean} out of range: a mean of pixels on the 0..1 scale lies in [0, 1]")
+        if not all(s > 0 for s in std):
+            raise ContractError(f"{source}: std {std} has a channel without spread (std must be above 0)")
+        low = math.sqrt(pixels - 1) / (PIXEL_MAX * pixels) * (1 - _ROUNDING)
+        if not all(low <= s <= 0.5 * (1 + _ROUNDING) for s in std):
+            raise ContractError(f"{source}: field 'std' {std} out of range: a std of {pixels} pixels on the 0..1 scale "
+                                f"lies in [sqrt(num_pixels - 1) / (255 x num_pixels), 0.5] = [{low:.3g}, 0.5]")
+        for i in range(3):
+            if abs(cov[i][i] - std[i] ** 2) > std[i] ** 2 * _ROUNDING or any(
+                    abs(cov[i][j]) > std[i] * std[j] * (1 + _ROUNDING) for j in range(3)):
+                raise ContractError(f"{source}: field 'cov' {cov} does not agree with 'std' {std}: cov[i][i] is std[i]^2 "
+                                    f"and |cov[i][j]| at most std[i] std[j]")
+        slack = eigval[0] * _ROUNDING
+        if not (0.75 * (1 + _ROUNDING) >= eigval[0] >= eigval[1] >= eigval[2] >= -slack):
+            raise ContractError(f"{source}: field 'eigval' {eigval} out of range: the covariance's eigenvalues lie in "
+                                f"[0, 0.75], in descending order")
+        for i in range(3):
+            for j in range(3):
+                dot = sum(eigvec[k][i] * eigvec[k][j] for k in range(3))  # column i . column j
+                if abs(dot - (i == j)) > _ROUNDING:
+                    raise ContractError(f"{source}: field 'eigvec' {eigvec} does not have orthonormal columns")
 
 
-def check_stats(stats, source: str) -> dict:
-    """Check the content of a `stats.json` (mean, std, cov, eigval, eigvec on a 0..1 scale, image and
-    pixel counts): every field present with its shape, a finite number, within the range pixels allow
-    (comment above). `source` names it in the error: the file, or a checkpoint's copy. Returns `stats`;
-    raises ContractError with one clear line naming the field."""
-    if not isinstance(stats, dict):
-        raise ContractError(f"{source}: {STATS_NAME} is not a JSON object")
-    for key, shape in (("mean", (3,)), ("std", (3,)), ("eigval", (3,)), ("eigvec", (3, 3)), ("cov", (3, 3))):
-        value = stats.get(key)
-        ok = isinstance(value, list) and len(value) == shape[0]
-        if ok and len(shape) == 2:
-            ok = all(isinstance(row, list) and len(row) == shape[1] for row in value)
-        if not ok:
-            raise ContractError(f"{source}: field {key!r} missing or not of shape {shape}")
-        numbers = value if len(shape) == 1 else [v for row in value for v in row]
-        if not all(_is_number(v) for v in numbers):
-            raise ContractError(f"{source}: field {key!r} holds a value that is not a finite number: {value}")
-    for key in ("num_images", "num_pixels"):
-        if not _is_count(stats.get(key)):
-            raise ContractError(f"{source}: field {key!r} missing or not a count: {stats.get(key)!r:.80}")
-    _stats_ranges(source, stats)
-    return stats
+def parse_stats(data: bytes, source: str) -> PixelStats:
+    """`stats.json`'s bytes (read from `source`, a path or URL), parsed and checked (`PixelStats.from_json`)."""
+    return PixelStats.from_json(_json_object(data, source, STATS_NAME), source)
 
 
-def read_stats(folder: str | os.PathLike) -> dict:
-    """Load `stats.json` and `check_stats` it; ContractError with one clear line."""
+def read_stats(folder: str | os.PathLike) -> PixelStats:
+    """Load and check `stats.json`; ContractError with one clear line."""
     path = Path(folder) / STATS_NAME
-    return check_stats(_read_json(path, STATS_NAME), str(path))
+    return parse_stats(_read_bytes(path, STATS_NAME), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samples
 
 
 def sample_key(member_name: str) -> tuple[str, str]:
@@ -306,8 +455,3 @@ def label_of(cls: bytes, num_classes: int) -> int | None:
     """A sample's class index from its `cls` field (ASCII digits), or None where it is not an index
     of the class table (not digits, or not below num_classes)."""
     return int(cls) if cls.isascii() and cls.isdigit() and int(cls) < num_classes else None
-
-
-def classes_from_info(info: dict) -> list[ClassInfo]:
-    """The class table recorded in `_info.json`, in index order."""
-    return [ClassInfo(c["index"], c["wnid"], c["name"]) for c in info["classes"]]

@@ -28,23 +28,30 @@ import numpy as np
 from tqdm import tqdm
 
 from prep.contract import (
+    CLS,
     FIELDS,
     IMAGE_SIZE,
+    INFO_NAME,
+    JPG,
+    META,
     SPLITS,
     STATS_NAME,
     ContractError,
-    atomic_write,
-    classes_from_info,
+    FolderInfo,
+    ShardRecord,
+    SplitInfo,
     iter_samples,
     label_of,
     read_info,
     read_stats,
+    short_name,
 )
+from prep.figures import SPLIT_COLOURS, VIZ_INSTALL, new_figure, save_png
 from prep.image import SkipImage, open_jpeg
+from prep.text import fit
 
-VIZ_HINT = "--plot needs matplotlib: pip install 'alexnet-shards[viz]'"
+VIZ_HINT = f"--plot needs matplotlib: {VIZ_INSTALL}"
 MAX_SAMPLE_PROBLEMS = 10  # per shard; a systematically broken shard would otherwise print every sample
-PLOT_DPI = 100
 PLOT_INCHES = (12.0, 12.0)  # (width, height): the PNG is 1200 x 1200 px
 SHEET_ROWS, SHEET_COLS = 4, 6
 BAR_CHART_MAX_CLASSES = 40  # up to this many classes one bar per class; above, a histogram of counts
@@ -84,19 +91,19 @@ def _median(counts: list[int]) -> int | float:
     return int(m) if float(m).is_integer() else m
 
 
-def _split_report(entry: dict) -> dict:
+def _split_report(split: SplitInfo) -> dict:
     skipped: dict[str, int] = {}
-    for item in entry["skipped"]:
-        reason = item["reason"].split(":", 1)[0].strip()  # "truncated: 12 bytes missing" -> "truncated"
+    for item in split.skipped:
+        reason = item.reason.split(":", 1)[0].strip()  # "truncated: 12 bytes missing" -> "truncated"
         skipped[reason] = skipped.get(reason, 0) + 1
-    counts = entry["class_counts"]
+    counts = list(split.class_counts)
     return {
-        "samples": entry["num_samples"],
-        "inputs": entry["num_inputs"],
-        "shards": len(entry["filenames"]),
-        "bytes": sum(s["size"] for s in entry.get("shards", [])),
+        "samples": split.num_samples,
+        "inputs": split.num_inputs,
+        "shards": len(split.filenames),
+        "bytes": sum(s.size for s in split.shards),
         "skipped": dict(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "num_skipped": len(entry["skipped"]),
+        "num_skipped": len(split.skipped),
         "class_counts": counts,
         "class_balance": {
             "min": min(counts, default=0),
@@ -107,9 +114,9 @@ def _split_report(entry: dict) -> dict:
     }
 
 
-def _ordered_splits(info: dict) -> list[str]:
+def _ordered_splits(info: FolderInfo) -> list[str]:
     """The folder's splits, the contract's ones first in their usual order."""
-    names = list(info.get("splits", {}))
+    names = list(info.splits)
     return [s for s in SPLITS if s in names] + sorted(s for s in names if s not in SPLITS)
 
 
@@ -123,16 +130,15 @@ def shard_report(folder: str | os.PathLike) -> dict:
     """
     folder = Path(folder)
     info = read_info(folder)
-    num_classes = len(info.get("classes", []))
-    stats = read_stats(folder) if (folder / STATS_NAME).is_file() else None
+    stats = read_stats(folder).to_json() if (folder / STATS_NAME).is_file() else None
     return {
         "folder": str(folder),
-        "name": info.get("name"),
-        "schema_version": info["schema_version"],
-        "num_classes": num_classes,
-        "pillow": info.get("pillow"),
-        "options": info.get("options", {}),
-        "splits": {s: _split_report(info["splits"][s]) for s in _ordered_splits(info)},
+        "name": info.name,
+        "schema_version": info.schema_version,
+        "num_classes": len(info.classes),
+        "pillow": info.pillow,
+        "options": info.options,
+        "splits": {s: _split_report(info.splits[s]) for s in _ordered_splits(info)},
         "stats": stats,
     }
 
@@ -192,12 +198,6 @@ def format_report(report: dict) -> str:
 # stats --plot
 
 
-def _short_name(name: str, width: int = 26) -> str:
-    """'tench, Tinca tinca' -> 'tench'; long names cut to `width` characters."""
-    first = name.split(",", 1)[0].strip()
-    return first if len(first) <= width else first[: width - 1] + "…"
-
-
 def _sheet_samples(folder: Path, filenames: list[str], n: int, num_classes: int) -> list[tuple[bytes, int | None]]:
     """(jpg, class index) of the first samples of the first shards: up to SHEET_COLS shards, an equal share of `n` from each."""
     shards = filenames[:SHEET_COLS]
@@ -208,8 +208,8 @@ def _sheet_samples(folder: Path, filenames: list[str], n: int, num_classes: int)
             for i, (_, fields) in enumerate(iter_samples(f)):
                 if i == per_shard or len(picked) == n:
                     break
-                if "jpg" in fields:
-                    picked.append((fields["jpg"], label_of(fields.get("cls", b""), num_classes)))
+                if JPG in fields:
+                    picked.append((fields[JPG], label_of(fields.get(CLS, b""), num_classes)))
     return picked
 
 
@@ -218,7 +218,7 @@ def _plot_balance(ax, split: str, r: dict, names: list[str]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     counts, b = r["class_counts"], r["class_balance"]
-    colour = {"train": "#3b75af", "validation": "#e1812c"}.get(split, "#55a868")
+    colour = SPLIT_COLOURS.get(split, SPLIT_COLOURS[None])
     if len(counts) <= BAR_CHART_MAX_CLASSES:
         bars = ax.bar(range(len(counts)), counts, color=colour)
         if len(counts) <= 12:
@@ -252,24 +252,17 @@ def _plural(n: int, word: str) -> str:
 def plot_shards(folder: str | os.PathLike, out: str | os.PathLike, report: dict | None = None) -> None:
     """Draw the class balance of every split and a contact sheet of training samples to a PNG.
 
-    The PNG is PLOT_INCHES x PLOT_DPI pixels (1200 x 1200), written through `atomic_write`.
+    The PNG is PLOT_INCHES x 100 dpi (1200 x 1200 pixels), written through `atomic_write`.
     Raises ImportError with an install hint when matplotlib is missing.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError(VIZ_HINT) from e
-
+    fig = new_figure(VIZ_HINT, PLOT_INCHES)
     folder = Path(folder)
     report = report if report is not None else shard_report(folder)
     info = read_info(folder)
-    names = [_short_name(c.name) for c in classes_from_info(info)]
+    names = [fit(short_name(c.name), 26) for c in info.classes]
 
     # A fixed layout (fractions of the figure) rather than constrained layout: the page is always the
     # same, and rendering takes half the time.
-    fig = Figure(figsize=PLOT_INCHES, dpi=PLOT_DPI)
-    FigureCanvasAgg(fig)  # render with Agg, whatever backend pyplot may have chosen elsewhere
     splits = report["splits"]
     total = ", ".join(f"{s} {_plural(r['samples'], 'sample')} in {_plural(r['shards'], 'shard')}" for s, r in splits.items())
     fig.suptitle(f"{report['folder']} - {report['num_classes']:,} classes - {total}", fontsize=13, y=0.985)
@@ -280,7 +273,7 @@ def plot_shards(folder: str | os.PathLike, out: str | os.PathLike, report: dict 
     sheet_split = next((s for s in splits if splits[s]["samples"]), None)
     samples = []
     if sheet_split is not None:
-        samples = _sheet_samples(folder, info["splits"][sheet_split]["filenames"], SHEET_ROWS * SHEET_COLS, len(names))
+        samples = _sheet_samples(folder, info.splits[sheet_split].filenames, SHEET_ROWS * SHEET_COLS, len(names))
         fig.text(0.5, 0.645, f"first samples of the first {sheet_split} shards", ha="center", fontsize=11)
     sheet = fig.add_gridspec(SHEET_ROWS, SHEET_COLS, left=0.01, right=0.99, top=0.615, bottom=0.005, wspace=0.05, hspace=0.12)
     for i, ax in enumerate(sheet.subplots().flat):
@@ -295,8 +288,7 @@ def plot_shards(folder: str | os.PathLike, out: str | os.PathLike, report: dict 
                 title = "jpg does not decode"  # an empty tile that says so; `verify` gives the reason
             ax.set_title(title, fontsize=9)
 
-    with atomic_write(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=PLOT_DPI, pil_kwargs={"compress_level": 1})  # zlib level 6: 4x slower, 13% smaller
+    save_png(fig, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,9 +301,9 @@ def _check_sample(key: str, fields: dict[str, bytes], wnids: list[str]) -> list[
     missing = [f for f in FIELDS if f not in fields]
     if missing:
         problems.append(f"sample {key}: missing {', '.join(missing)}")
-    if "jpg" in fields:
+    if JPG in fields:
         try:
-            with open_jpeg(fields["jpg"]) as im:  # every scan decoded: truncated data only fails there
+            with open_jpeg(fields[JPG]) as im:  # every scan decoded: truncated data only fails there
                 fmt, mode, size, progressive = im.format, im.mode, im.size, im.info.get("progressive")
         except SkipImage as e:
             problems.append(f"sample {key}: jpg does not decode ({e})")
@@ -320,12 +312,12 @@ def _check_sample(key: str, fields: dict[str, bytes], wnids: list[str]) -> list[
                 problems.append(f"sample {key}: jpg is {fmt} {mode} {size[0]}x{size[1]}, expected JPEG RGB {IMAGE_SIZE}x{IMAGE_SIZE}")
             elif progressive:
                 problems.append(f"sample {key}: jpg is progressive, expected baseline")
-    label = label_of(fields.get("cls", b""), len(wnids))
-    if "cls" in fields and label is None:
-        problems.append(f"sample {key}: cls {fields['cls'][:20]!r} is not a class index below {len(wnids)}")
-    if "json" in fields:
+    label = label_of(fields.get(CLS, b""), len(wnids))
+    if CLS in fields and label is None:
+        problems.append(f"sample {key}: cls {fields[CLS][:20]!r} is not a class index below {len(wnids)}")
+    if META in fields:
         try:
-            meta = json.loads(fields["json"])
+            meta = json.loads(fields[META])
         except ValueError as e:
             problems.append(f"sample {key}: json does not parse ({e})")
         else:
@@ -339,11 +331,9 @@ def _check_sample(key: str, fields: dict[str, bytes], wnids: list[str]) -> list[
     return problems
 
 
-def _check_shard(path: Path, expected: dict, wnids: list[str]) -> list[str]:
-    """Problems with one shard file (lines without the shard's name; empty = all good).
-
-    `expected` holds `_info.json`'s "sha256", "size" and "num_samples" for it. The file is read
-    once: the tar parser reads through a hashing wrapper.
+def _check_shard(path: Path, expected: ShardRecord, wnids: list[str]) -> list[str]:
+    """Problems with one shard file (lines without the shard's name; empty = all good): against its
+    `_info.json` record. The file is read once: the tar parser reads through a hashing wrapper.
     """
     problems: list[str] = []
     sample_problems = samples = 0
@@ -361,13 +351,13 @@ def _check_shard(path: Path, expected: dict, wnids: list[str]) -> list[str]:
         reader.drain()
     if sample_problems > MAX_SAMPLE_PROBLEMS:
         problems.append(f"{sample_problems - MAX_SAMPLE_PROBLEMS} more samples with problems (first {MAX_SAMPLE_PROBLEMS} shown)")
-    if reader.size != expected["size"]:
-        problems.insert(0, f"size {reader.size:,} bytes, _info.json says {expected['size']:,}")
-    elif reader.sha256.hexdigest() != expected["sha256"]:
+    if reader.size != expected.size:
+        problems.insert(0, f"size {reader.size:,} bytes, {INFO_NAME} says {expected.size:,}")
+    elif reader.sha256.hexdigest() != expected.sha256:
         # a size mismatch already implies this one; say it only where the size agrees
-        problems.insert(0, f"sha256 {reader.sha256.hexdigest()}, _info.json says {expected['sha256']}")
-    if samples != expected["num_samples"]:
-        problems.append(f"{samples:,} samples, _info.json says {expected['num_samples']:,}")
+        problems.insert(0, f"sha256 {reader.sha256.hexdigest()}, {INFO_NAME} says {expected.sha256}")
+    if samples != expected.num_samples:
+        problems.append(f"{samples:,} samples, {INFO_NAME} says {expected.num_samples:,}")
     return problems
 
 
@@ -393,35 +383,34 @@ def verify_folder(folder: str | os.PathLike, workers: int = 1, progress: bool = 
     """
     folder = Path(folder)
     info = read_info(folder)
-    wnids = [c.wnid for c in classes_from_info(info)]
+    wnids = [c.wnid for c in info.classes]
     problems: list[str] = []
-    jobs: list[tuple[str, Path, dict]] = []  # (shard name, path, what _info.json expects of it)
+    jobs: list[tuple[str, Path, ShardRecord]] = []  # (shard name, path, what _info.json expects of it)
     listed: set[str] = set()
-    for split in _ordered_splits(info):
-        entry = info["splits"][split]
-        records = {s["filename"]: s for s in entry.get("shards", [])}
-        written, skipped = entry["num_samples"], len(entry["skipped"])
-        if entry["num_inputs"] != written + skipped:
-            problems.append(f"{split}: {entry['num_inputs']:,} inputs, but {written:,} written + {skipped:,} skipped")
-        for name in sorted(set(records) - set(entry["filenames"])):
-            problems.append(f"{name}: has a sha256/size record in _info.json but is not in {split}'s filenames")
-        for name, length in zip(entry["filenames"], entry["shard_lengths"]):
-            listed.add(name)
-            record = records.get(name)
+    for name in _ordered_splits(info):
+        split = info.splits[name]
+        records = {r.filename: r for r in split.shards}
+        written, skipped = split.num_samples, len(split.skipped)
+        if split.num_inputs != written + skipped:
+            problems.append(f"{name}: {split.num_inputs:,} inputs, but {written:,} written + {skipped:,} skipped")
+        for filename in sorted(set(records) - set(split.filenames)):
+            problems.append(f"{filename}: has a sha256/size record in {INFO_NAME} but is not in {name}'s filenames")
+        for filename, length in zip(split.filenames, split.shard_lengths):
+            listed.add(filename)
+            record = records.get(filename)
             if record is None:
-                problems.append(f"{name}: no sha256/size record in _info.json")
-            elif record["num_samples"] != length:
-                problems.append(f"{name}: _info.json records {record['num_samples']:,} samples, shard_lengths says {length:,}")
-            elif not (folder / name).is_file():
-                problems.append(f"{name}: missing (listed in _info.json)")
+                problems.append(f"{filename}: no sha256/size record in {INFO_NAME}")
+            elif record.num_samples != length:
+                problems.append(f"{filename}: {INFO_NAME} records {record.num_samples:,} samples, shard_lengths says {length:,}")
+            elif not (folder / filename).is_file():
+                problems.append(f"{filename}: missing (listed in {INFO_NAME})")
             else:
-                expected = {"sha256": record["sha256"], "size": record["size"], "num_samples": length}
-                jobs.append((name, folder / name, expected))
+                jobs.append((filename, folder / filename, record))
     for path in sorted(folder.glob("*.tar")):
         if path.name not in listed:
-            problems.append(f"{path.name}: stray shard, not listed in _info.json")
+            problems.append(f"{path.name}: stray shard, not listed in {INFO_NAME}")
     # build-shards writes stats.json from the train split's pixels, so only where there are some
-    if info["splits"].get("train", {}).get("num_samples") or (folder / STATS_NAME).exists():
+    if ("train" in info.splits and info.splits["train"].num_samples) or (folder / STATS_NAME).exists():
         try:
             read_stats(folder)
         except ContractError as e:
@@ -465,9 +454,9 @@ def verify_cmd(ctx: click.Context, folder: Path, workers: int) -> None:
         problems = verify_folder(folder, workers=workers, progress=sys.stderr.isatty())
     except ContractError as e:
         raise click.ClickException(str(e)) from e
-    info = read_info(folder)
-    shards = sum(len(e["filenames"]) for e in info["splits"].values())
-    samples = sum(e["num_samples"] for e in info["splits"].values())
+    splits = read_info(folder).splits.values()
+    shards = sum(len(s.filenames) for s in splits)
+    samples = sum(s.num_samples for s in splits)
     for line in problems:
         click.echo(line)
     verdict = "ok" if not problems else _plural(len(problems), "problem")

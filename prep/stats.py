@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prep.contract import PIXEL_MAX, SCHEMA_VERSION
+from prep.contract import PIXEL_MAX, SCHEMA_VERSION, PixelStats
 
 MIN_SAMPLE = 100_000  # train images a sampled split's statistics come from, at least
 MAX_EVERY = 8  # the sparsest sample: 1 train image in 8
@@ -93,8 +93,8 @@ class PixelSums:
                    [[int(v) for v in row] for row in d["prod"]])
 
     def stats(self, every: int = 1) -> dict:
-        """The `stats.json` content: mean, std, cov, eigval (descending), eigvec (unit columns), counts;
-        `every`: the sampling step the sums come from (recorded as `sample_every`)."""
+        """The `stats.json` content (`PixelStats.to_json`): mean, std, cov, eigval (descending), eigvec
+        (unit columns), counts; `every`: the sampling step the sums come from (recorded as `sample_every`)."""
         n = self.num_pixels
         if n == 0:
             raise ValueError("no training pixels to compute statistics from")
@@ -108,17 +108,11 @@ class PixelSums:
         eigval, eigvec = eigval[order], eigvec[:, order]
         lead = np.abs(eigvec).argmax(axis=0)  # row of each column's largest-magnitude component
         eigvec = eigvec * np.sign(eigvec[lead, np.arange(3)])
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "split": "train",
-            "pixels": "after JPEG encoding (the shards' images decoded)",
-            "scale": "0..1",
-            "sample_every": every,  # every k-th train image in written order (a seeded random sample)
-            "num_images": self.num_images,  # of the sample
-            "num_pixels": n,
-            "mean": mean.tolist(),
-            "std": np.sqrt(np.diag(cov)).tolist(),
-            "cov": cov.tolist(),
-            "eigval": eigval.tolist(),
-            "eigvec": eigvec.tolist(),
-        }
+        return PixelStats(
+            mean=tuple(mean.tolist()), std=tuple(np.sqrt(np.diag(cov)).tolist()), cov=tuple(map(tuple, cov.tolist())),
+            eigval=tuple(eigval.tolist()), eigvec=tuple(map(tuple, eigvec.tolist())),
+            num_images=self.num_images,  # of the sample
+            num_pixels=n, schema_version=SCHEMA_VERSION, split="train",
+            pixels="after JPEG encoding (the shards' images decoded)", scale="0..1",
+            sample_every=every,  # every k-th train image in written order (a seeded random sample)
+        ).to_json()

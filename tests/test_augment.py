@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from prep.contract import ContractError
+from prep.contract import ContractError, PixelStats
 from prep.stats import PixelSums
-from train.augment import PixelStats, eval_views, lighting_alpha, lighting_offset, random_crop_flip, train_views
+from train.augment import StatsTensors, eval_views, lighting_alpha, lighting_offset, random_crop_flip, train_views
 
 
 def photo_like_stats() -> dict:
@@ -19,6 +19,10 @@ def photo_like_stats() -> dict:
 
 
 STATS_JSON = photo_like_stats()
+
+
+def tensors(stats: dict = STATS_JSON, device: str = "cpu") -> StatsTensors:
+    return StatsTensors.of(PixelStats.from_json(stats, "stats"), device)
 
 
 def pca_lighting(x, eigval, eigvec, std, generator):
@@ -108,15 +112,15 @@ def test_crop_flip_rejects_bad_input():
         random_crop_flip(torch.zeros(2, 3, 32, 32), 16, g)
 
 
-def test_pixel_stats_from_json():
-    s = PixelStats.from_json(STATS_JSON, "cpu")
+def test_stats_tensors_of_the_contracts_pixel_stats():
+    s = tensors()
     assert s.eigvec.shape == (3, 3) and s.eigvec.dtype == torch.float32
     assert s.eigvec[0, 1].item() == pytest.approx(STATS_JSON["eigvec"][0][1])  # row 0, column 1: component 0 of vector 1
     assert s.eigval[0] > 10 * s.eigval[1] and s.eigvec[:, 0].tolist() == pytest.approx([3 ** -0.5] * 3, abs=0.01)
     with pytest.raises(ContractError, match=r"^pixel statistics: field 'eigval' missing or not of shape \(3,\)$"):
-        PixelStats.from_json({k: v for k, v in STATS_JSON.items() if k != "eigval"}, "cpu")
+        PixelStats.from_json({k: v for k, v in STATS_JSON.items() if k != "eigval"}, "pixel statistics")
     with pytest.raises(ContractError, match=r"^pixel statistics: field 'std' missing or not of shape \(3,\)$"):
-        PixelStats.from_json({**STATS_JSON, "std": [1.0, 2.0]}, "cpu")
+        PixelStats.from_json({**STATS_JSON, "std": [1.0, 2.0]}, "pixel statistics")
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -149,7 +153,7 @@ def test_pixel_stats_refuses_numbers_float32_cannot_train_on(key, value, field):
 
 
 def test_lighting_offset_is_the_formula():
-    s = PixelStats.from_json(STATS_JSON)
+    s = tensors()
     alpha = torch.tensor([[0.1, -0.2, 0.05], [0.0, 0.0, 0.0], [-0.3, 0.1, 0.2]])
     got = lighting_offset(alpha, s.eigval, s.eigvec)
     for n in range(3):
@@ -159,7 +163,7 @@ def test_lighting_offset_is_the_formula():
 
 
 def test_pca_lighting_adds_one_offset_per_image():
-    s = PixelStats.from_json(STATS_JSON)
+    s = tensors()
     x = torch.rand(5, 3, 6, 7, generator=torch.Generator().manual_seed(4))
     got = pca_lighting(x, s.eigval, s.eigvec, 0.1, torch.Generator().manual_seed(9))
     alpha = torch.randn(5, 3, generator=torch.Generator().manual_seed(9)) * 0.1
@@ -172,7 +176,7 @@ def test_pca_lighting_adds_one_offset_per_image():
 
 def test_pca_lighting_alpha_distribution():
     # Recover alpha from the offsets (eigvec is orthonormal): alpha_j = (eigvec^T offset)_j / eigval_j.
-    s = PixelStats.from_json(STATS_JSON)
+    s = tensors()
     n = 20000
     out = pca_lighting(torch.zeros(n, 3, 1, 1), s.eigval, s.eigvec, 0.1, torch.Generator().manual_seed(5))
     alpha = (out[:, :, 0, 0].double() @ s.eigvec.double()) / s.eigval.double()
@@ -188,7 +192,7 @@ def test_normalize_exact():
 
 
 def test_train_views_is_crop_lighting_normalize():
-    s = PixelStats.from_json(STATS_JSON)
+    s = tensors()
     x = torch.randint(0, 256, (8, 3, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
     got = train_views(x, s, 32, scaling="standardize", generator=torch.Generator().manual_seed(11), lighting_std=0.1)
     g = torch.Generator().manual_seed(11)
@@ -208,7 +212,7 @@ def test_train_views_is_crop_lighting_normalize():
 
 def test_subtract_mean_is_raw_pixels_minus_the_mean():
     """The paper's scaling keeps 0-255 units: a pixel of value v becomes v - 255 mean, exactly."""
-    s = PixelStats.from_json({**STATS_JSON, "mean": [0.5, 0.25, 1.0]})
+    s = tensors({**STATS_JSON, "mean": [0.5, 0.25, 1.0]})
     x = torch.tensor([0, 100, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
     (view,) = eval_views(x, s, 4, scaling="subtract-mean")
     assert torch.equal(view, torch.tensor([-127.5, 36.25, 0.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4))
@@ -217,7 +221,7 @@ def test_subtract_mean_is_raw_pixels_minus_the_mean():
 
 
 def test_eval_views_are_the_hand_cut_crops():
-    s = PixelStats.from_json(STATS_JSON)
+    s = tensors()
     # odd margins (7 and 11) pin the center's rounding: offsets 3 and 5
     x = torch.randint(0, 256, (4, 3, 31, 35), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
     size = 24
@@ -252,7 +256,7 @@ def test_eval_views_are_the_hand_cut_crops():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_views():
-    s = PixelStats.from_json(STATS_JSON, "cuda")
+    s = tensors(device="cuda")
     x = torch.randint(0, 256, (64, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
     xc = x.cuda().contiguous(memory_format=torch.channels_last)
     # draws on a CUDA generator: shapes, dtypes and devices
@@ -262,8 +266,8 @@ def test_cuda_views():
     # draws on a CPU generator are the same on any device, so the GPU result must match the CPU one
     for scaling, atol in (("standardize", 1e-5), ("subtract-mean", 1e-3)):
         got = train_views(xc, s, scaling=scaling, generator=torch.Generator().manual_seed(1))
-        want = train_views(x, PixelStats.from_json(STATS_JSON), scaling=scaling, generator=torch.Generator().manual_seed(1))
+        want = train_views(x, tensors(), scaling=scaling, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=atol)
         views = eval_views(xc, s, mode="ten", scaling=scaling)
         assert views.shape == (10, 64, 3, 224, 224) and views.is_cuda
-        torch.testing.assert_close(views.cpu(), eval_views(x, PixelStats.from_json(STATS_JSON), mode="ten", scaling=scaling))
+        torch.testing.assert_close(views.cpu(), eval_views(x, tensors(), mode="ten", scaling=scaling))

@@ -123,7 +123,7 @@ def test_shards_follow_the_seeded_plan_with_deterministic_headers(demo_shards):
 
 
 def test_info_records_shards_classes_options_and_reconciles(demo_shards):
-    info = read_info(demo_shards)
+    info = read_info(demo_shards).to_json()
     assert info["name"] == "synthetic" and info["pillow"] == pillow_flavour()
     assert info["classes"] == [c.to_json() for c in synthetic.CLASSES]
     assert info["options"] == {"source": "synthetic", "splits": list(SPLITS), "limit": None,

@@ -6,6 +6,7 @@ import errno
 import filecmp
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig
 from train.evaluate import evaluate_checkpoint
-from train.loop import MetricsError, MetricsLog, train
+from train.loop import train
+from train.metrics import MetricsError, MetricsLog
 from train.model import build_model
 
 ALEXTRAIN = [sys.executable, "-m", "train.cli"]
@@ -174,10 +176,59 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint(tmp_path):
     assert str(e.value) == f"{tmp_path}: the run stopped before its first checkpoint; start it again without --resume"
 
 
-def test_input_scaling_record():
-    """A checkpoint says how its model was fed; one from before the record was trained standardised."""
-    assert checkpoint.input_scaling({"inputs": "subtract-mean"}) == "subtract-mean"
-    assert checkpoint.input_scaling({"format": checkpoint.FORMAT, "config": {}}) == "standardize"
+TOTALS_FORMAT_1 = ("loss_sum", "top1", "top5", "samples", "seconds", "wait")  # EpochTotals' fields when format 1 was written
+
+
+def as_format_1(state: dict) -> dict:
+    """A format-2 checkpoint as alextrain wrote it in format 1 (main at b1711cb, train/loop.py's save):
+    the epoch's sums a list in EpochTotals' field order; all else the same."""
+    return {**state, "format": 1, "epoch_totals": [state["epoch_totals"][k] for k in TOTALS_FORMAT_1]}
+
+
+def test_a_format_1_checkpoint_is_converted_when_loaded(tmp_path):
+    """Format 2 stores the epoch's sums by name and always records `inputs` and `best_epoch`; a format-1
+    checkpoint (tensors and plain values only) loads as its format-2 twin, the oldest ones, which lack
+    both records, with their meaning: trained "standardize", best epoch unknown."""
+    totals = {"loss_sum": 9.5, "top1": 2.0, "top5": 5.0, "samples": 8.0, "seconds": 0.25, "wait": 0.125}
+    state = {"format": checkpoint.FORMAT, "model": {"w": torch.arange(6.0)}, "epoch": 0, "step": 2, "epoch_totals": totals,
+             "inputs": "subtract-mean", "best_epoch": None, "config": TrainConfig(shards="x").to_dict()}
+    torch.save(as_format_1(state), tmp_path / "one.pt")
+    loaded = checkpoint.load(tmp_path / "one.pt")
+    assert loaded["epoch_totals"] == totals and loaded["format"] == 2 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in state.items() if k != "model"}
+    oldest = {k: v for k, v in as_format_1(state).items() if k not in ("inputs", "best_epoch")}
+    torch.save(oldest, tmp_path / "oldest.pt")
+    assert {k: checkpoint.load(tmp_path / "oldest.pt")[k] for k in ("inputs", "best_epoch")} == {"inputs": "standardize", "best_epoch": None}
+    torch.save({**oldest, "format": 3}, tmp_path / "later.pt")
+    with pytest.raises(CheckpointError, match=r"later.pt: not an alextrain checkpoint of format 1 or 2$"):
+        checkpoint.load(tmp_path / "later.pt")
+
+
+def test_a_run_resumed_from_a_format_1_checkpoint_is_the_run_resumed_from_format_2(demo_shards, tmp_path, monkeypatch):
+    """A run stopped mid-epoch (its epoch's sums so far in the checkpoint), its last.pt also written in
+    format 1: resumed from either, the epoch's record and the final weights are the same."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    save = checkpoint.save
+
+    def killed_after_the_first_save(state, path):
+        save(state, path)
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "save", killed_after_the_first_save)
+    with pytest.raises(Killed):  # after step 2 of 4
+        train(TrainConfig(shards=str(demo_shards), out=str(two), arch="alexnet-tv", crop_size=64, batch_size=8, epochs=1,
+                          steps_per_epoch=4, save_every=2, log_every=1, workers=0, device="cpu"))
+    monkeypatch.setattr(checkpoint, "save", save)
+    state = checkpoint.load(two)
+    assert (state["step"], state["epoch_totals"]["samples"]) == (2, 16.0)
+    shutil.copytree(two, one)
+    torch.save(as_format_1(state), one / "last.pt")  # tensors and plain values: what format 1 held
+
+    for run in (two, one):
+        train(checkpoint.config_for_resume(run, {}))
+    assert [without_timing(r) for r in records(one, "epoch")] == [without_timing(r) for r in records(two, "epoch")]
+    final_one, final_two = checkpoint.load(one)["model"], checkpoint.load(two)["model"]
+    assert all(torch.equal(final_one[k], final_two[k]) for k in final_two)
 
 
 def test_resume_reads_metrics_as_report_does(tmp_path):

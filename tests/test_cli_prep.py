@@ -77,8 +77,8 @@ def test_build_shards_writes_the_folder_and_reconciles(tmp_path):
     assert "train: 40 inputs = 40 written + 0 skipped" in output
     assert "validation: 20 inputs = 20 written + 0 skipped" in output
     info = read_info(tmp_path / "a")
-    assert info["splits"]["train"]["filenames"] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert info["options"]["per_class"] == {"train": 4, "validation": 2}
+    assert info.splits["train"].filenames == ("train-000000.tar", "train-000001.tar", "train-000002.tar")
+    assert info.options["per_class"] == {"train": 4, "validation": 2}
     # Repeated --splits is the same build: a rerun into the same folder is accepted and changes nothing.
     before = (tmp_path / "a" / INFO_NAME).read_bytes()
     code, output = run("build-shards", "--out", str(tmp_path / "a"), "--splits", "validation", "--splits", "train",
@@ -98,7 +98,7 @@ def test_stats_every_samples_the_statistics_and_stats_says_so(tmp_path):
     assert code == 0, output
     assert "; pixel statistics from a seeded sample, 1 in 4 train images" in output
     stats = read_stats(tmp_path / "a")
-    assert (stats["sample_every"], stats["num_images"]) == (4, 10)  # 40 train images: places 0, 4, ..., 36
+    assert (stats.sample_every, stats.num_images) == (4, 10)  # 40 train images: places 0, 4, ..., 36
     code, output = run("stats", str(tmp_path / "a"))
     assert code == 0, output
     assert "pixel statistics of train: 10 images (a seeded sample, 1 in 4), 655,360 pixels," in output
@@ -156,7 +156,7 @@ def test_demo_builds_the_synthetic_set_and_prints_its_report(tmp_path):
     assert "train: 1000 inputs = 1000 written + 0 skipped" in result.stdout
     assert "validation: 200 inputs = 200 written + 0 skipped" in result.stdout
     info = read_info(tmp_path / "demo")
-    assert len(info["splits"]["train"]["filenames"]) == 4 and len(info["classes"]) == 10
+    assert len(info.splits["train"].filenames) == 4 and len(info.classes) == 10
     assert result.stdout.endswith(format_report(shard_report(tmp_path / "demo")) + "\n")
 
 

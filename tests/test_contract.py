@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from grey_shards import write_folder
 from prep.cli import main as alexprep
-from prep.contract import ContractError, check_stats, is_shard_filename, iter_samples, label_of, read_info, read_stats, sample_key
+from prep.contract import (INFO_NAME, STATS_NAME, ContractError, PixelStats, is_shard_filename, iter_samples, label_of, read_info,
+                           read_stats, sample_key, write_json)
 from prep.folder_report import verify_cmd
 from prep.stats import PixelSums
 from train.cli import main as alextrain
@@ -180,21 +181,21 @@ def test_stats_float32_cannot_train_on_stop_alextrain_in_one_line(folder, tmp_pa
     assert result.exit_code == 1 and re.fullmatch(rf"Error: {re.escape(str(folder / 'stats.json'))}: {message}\n", result.output), result.output
 
 
-def stats_of(sums: PixelSums) -> dict:
-    return check_stats(sums.stats(), "stats")
+def stats_of(sums: PixelSums) -> PixelStats:
+    return PixelStats.from_json(sums.stats(), "stats")
 
 
 def test_stats_at_the_edges_of_their_ranges_pass():
     """What pixels can give, at the bounds: rounding stays inside the check's margin."""
     grey = np.random.default_rng(0).integers(0, 256, (256, 256, 1), dtype=np.uint8).repeat(3, axis=2)
-    low = stats_of(PixelSums.of_image(grey))["eigval"]  # one direction: two eigenvalues of rounding noise
+    low = stats_of(PixelSums.of_image(grey)).eigval  # one direction: two eigenvalues of rounding noise
     assert low[0] > 0.2 and abs(low[1]) < 1e-15 and abs(low[2]) < 1e-15
     halves = np.zeros((256, 256, 3), np.uint8)
     halves[:128] = 255
-    assert stats_of(PixelSums.of_image(halves))["std"] == [0.5, 0.5, 0.5]  # Popoviciu's bound, reached
+    assert stats_of(PixelSums.of_image(halves)).std == (0.5, 0.5, 0.5)  # Popoviciu's bound, reached
     n = 10**6 * 256 * 256  # a million images, all black but one pixel of level 1: the smallest spread there is
     lone = stats_of(PixelSums(10**6, n, [1, 1, 1], [[1, 1, 1]] * 3))
-    assert lone["std"][0] == pytest.approx(np.sqrt(n - 1) / (255 * n), rel=1e-12)
+    assert lone.std[0] == pytest.approx(np.sqrt(n - 1) / (255 * n), rel=1e-12)
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
@@ -229,3 +230,12 @@ def test_one_rule_groups_members_into_samples():
 
 def test_labels_are_ascii_indices_below_the_class_count():
     assert [label_of(b, 10) for b in (b"0", b"9", b"10", b"-1", b"3.0", b"", b" 3", "٣".encode())] == [0, 9, None, None, None, None, None, None]
+
+
+@pytest.mark.parametrize("name, read", [(INFO_NAME, read_info), (STATS_NAME, read_stats)])
+def test_what_is_read_writes_back_byte_for_byte(demo_shards, tmp_path, name, read):
+    """`_info.json` and `stats.json` of a build, parsed into the contract's objects and written with
+    their `to_json()` through `write_json` (as the build writes them), are the same bytes: a writer can
+    use the objects without changing a byte of the folder (tests/test_pinned_shards.py)."""
+    write_json(tmp_path / name, read(demo_shards).to_json())
+    assert (tmp_path / name).read_bytes() == (demo_shards / name).read_bytes()

@@ -13,7 +13,7 @@ from torchcodec.encoders import JpegEncoder
 from grey_shards import check_pixels, write_folder
 from prep.synthetic import photo
 from train.device_decode import DecoderUnavailable, import_nvimgcodec, make_decoder
-from train.loader import DeviceLoader, decode_batch, make_loader
+from train.loader import DeviceLoader, decode_batch
 from train.stream import Sample, ShardError, ShardStream, open_shards
 
 CPU = torch.device("cpu")
@@ -55,7 +55,7 @@ def test_nvimgcodec_batches_through_the_loader_and_a_bad_jpeg_names_its_shard(tm
     nvimgcodec_or_skip()
     folder = write_folder(tmp_path)
     split = open_shards(str(folder)).split("validation")
-    got = list(DeviceLoader(make_loader(ShardStream(split, 4, train=False), 2, CPU, decode="gpu"), CPU, "nvimgcodec"))
+    got = list(DeviceLoader(ShardStream(split, 4, train=False), CPU, workers=2, decode="gpu", gpu_decoder="nvimgcodec"))
     for images, labels in got:
         check_pixels(images, labels)
     assert sorted(sum((labels.tolist() for _, labels in got), [])) == list(range(11))
@@ -67,7 +67,7 @@ def test_nvimgcodec_batches_through_the_loader_and_a_bad_jpeg_names_its_shard(tm
     path.write_bytes(bytes(data))
     stream = ShardStream(open_shards(str(folder)).split("validation"), 4, train=False)
     with pytest.raises(ShardError, match=rf"^{path}: a JPEG does not decode \(nvImageCodec could not decode 1 of 4 JPEGs\)$"):
-        list(DeviceLoader(make_loader(stream, 0, CPU, decode="gpu"), CPU, "nvimgcodec"))
+        list(DeviceLoader(stream, CPU, workers=0, decode="gpu", gpu_decoder="nvimgcodec"))
 
 
 def test_a_missing_or_unknown_decoder_is_one_clear_error(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 
 from train import checkpoint, dist
 from train.evaluate import evaluate_checkpoint
-from train.loop import lock_run_folder
+from train.run_folder import lock as lock_run_folder
 from train.stream import ShardStream, epoch_order, open_shards, reader_plan
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.cli"]
@@ -35,7 +35,7 @@ def test_two_ranks_read_disjoint_shards_that_cover_the_split(demo_shards):
     assert sorted(plans[0][0] + plans[1][0]) == list(range(len(split.urls))) and not set(plans[0][0]) & set(plans[1][0])
     # And in a validation pass each image is seen exactly once over the ranks.
     keys = [s.key for rank in range(2) for batch in ShardStream(open_shards(str(demo_shards)).split("validation"), 16,
-            train=False, rank=rank, world_size=2).raw_batches() for s in batch]
+            train=False, rank=rank, world_size=2).batches() for s in batch]
     assert len(keys) == len(set(keys)) == 100
 
 

@@ -19,7 +19,7 @@ from prep.contract import FIELDS, SPLITS, read_info
 def samples_by_tarfile(folder, split: str) -> list[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) of every sample in shard order, read with the standard library."""
     samples: dict[str, dict[str, bytes]] = {}
-    for name in read_info(folder)["splits"][split]["filenames"]:
+    for name in read_info(folder).splits[split].filenames:
         with tarfile.open(folder / name) as tar:
             for member in tar:
                 key, ext = member.name.split(".", 1)
@@ -29,7 +29,7 @@ def samples_by_tarfile(folder, split: str) -> list[tuple[str, dict[str, bytes]]]
 
 def test_webdataset_reads_every_sample_unchanged(demo_shards):
     for split in SPLITS:
-        urls = [str(demo_shards / name) for name in read_info(demo_shards)["splits"][split]["filenames"]]
+        urls = [str(demo_shards / name) for name in read_info(demo_shards).splits[split].filenames]
         expected = samples_by_tarfile(demo_shards, split)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
@@ -53,11 +53,11 @@ def test_webdataset_reads_every_sample_unchanged(demo_shards):
 def test_hugging_face_datasets_reads_the_folder(demo_shards, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     info = read_info(demo_shards)
-    files = {split: [str(demo_shards / name) for name in info["splits"][split]["filenames"]] for split in SPLITS}
+    files = {split: [str(demo_shards / name) for name in info.splits[split].filenames] for split in SPLITS}
     loaded = datasets.load_dataset("webdataset", data_files=files)
     for split in SPLITS:
         ds = loaded[split]
-        assert ds.num_rows == info["splits"][split]["num_samples"]
+        assert ds.num_rows == info.splits[split].num_samples
         assert set(ds.column_names) == {"__key__", "__url__", *FIELDS}
         expected = samples_by_tarfile(demo_shards, split)
         assert ds["__key__"] == [key for key, _ in expected]
@@ -68,7 +68,7 @@ def test_hugging_face_datasets_reads_the_folder(demo_shards, tmp_path, monkeypat
 
 def test_tar_lists_key_jpg_cls_json_per_sample(demo_shards):
     for split in SPLITS:
-        for name in read_info(demo_shards)["splits"][split]["filenames"]:
+        for name in read_info(demo_shards).splits[split].filenames:
             listing = subprocess.run(["tar", "tf", str(demo_shards / name)], capture_output=True, text=True, check=True)
             names = listing.stdout.split()
             keys = [n.split(".")[0] for n in names[::3]]

@@ -21,7 +21,7 @@ from PIL import Image
 from grey_shards import check_pixels, jpeg_of, write_folder
 from prep.synthetic import photo
 from train import loader as loader_module
-from train.loader import DeviceLoader, ImageBatch, JpegBatch, LoaderWorkerError, WorkerLoader, decode_batch, make_loader, pack_batch
+from train.loader import DeviceLoader, ImageBatch, JpegBatch, LoaderWorkerError, WorkerLoader, decode_batch, pack_batch, reader_of
 from train.stream import Sample, ShardStream, open_shards
 
 CPU = torch.device("cpu")
@@ -46,7 +46,7 @@ def loader_children() -> list[int]:
 
 def in_turn(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The training batches `workers` workers make, decoded in this process, taken in turn."""
-    per_worker = [[decode_batch(b) for b in stream.raw_batches(w, workers)] for w in range(workers)]
+    per_worker = [[decode_batch(b) for b in stream.batches(reader_of(w, workers, stream), workers)] for w in range(workers)]
     return [batch for turn in itertools.zip_longest(*per_worker) for batch in turn if batch is not None]
 
 
@@ -69,7 +69,7 @@ def test_workers_decode_with_torchcodec_exactly_as_pil_and_without_deprecated_ap
 @pytest.mark.parametrize("workers, depth", [(1, 1), (2, 2), (3, 1)])
 def test_workers_give_the_in_process_batches_through_reused_slots(folder, workers, depth):
     expected = in_turn(train_stream(folder), workers)
-    loader = make_loader(train_stream(folder), workers, CPU, depth=depth)
+    loader = WorkerLoader(train_stream(folder), workers, depth=depth)
     assert loader.reuses_buffers
     got, addresses = [], set()
     for images, labels in loader:
@@ -84,8 +84,21 @@ def test_workers_give_the_in_process_batches_through_reused_slots(folder, worker
     assert len(addresses) <= workers * depth < 9
 
 
+def test_the_slot_rule_a_workers_batch_lives_until_the_next_is_asked_for(folder):
+    """A batch from the workers is a view of its slot; asking for the next batch hands the slot back, and
+    the worker fills it again (one worker, one slot: the very same memory). So the device loader copies
+    a batch out (on the CPU) before it asks for the next one, and what it gave stays intact."""
+    batches = iter(WorkerLoader(train_stream(folder), 1, depth=1))
+    first = next(batches)
+    kept = first.images.clone()
+    second = next(batches)
+    assert first.images.data_ptr() == second.images.data_ptr() and torch.equal(first.images, second.images)
+    assert not torch.equal(kept, second.images)
+    batches.close()
+
+
 def test_device_loader_on_the_cpu_copies_batches_out_of_the_slots(folder):
-    batches = list(DeviceLoader(make_loader(train_stream(folder), 2, CPU, depth=1), CPU))
+    batches = list(DeviceLoader(train_stream(folder), CPU, workers=2, depth=1))
     expected = in_turn(train_stream(folder), 2)
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(batches, expected))
     assert len({images.data_ptr() for images, _ in batches}) == 9
@@ -94,13 +107,13 @@ def test_device_loader_on_the_cpu_copies_batches_out_of_the_slots(folder):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_batch_says_what_it_is(folder, workers):
     """Decoded on the CPU or JPEG bytes for the device: two named kinds, whatever the transport."""
-    images, labels = batch = next(iter(make_loader(train_stream(folder), workers, CPU)))
+    images, labels = batch = next(iter(WorkerLoader(train_stream(folder), workers)))
     assert type(batch) is ImageBatch and images.shape == (3, 3, 256, 256) and labels.dtype == torch.int64
-    packed = next(iter(make_loader(train_stream(folder), workers, CPU, decode="gpu")))
+    packed = next(iter(WorkerLoader(train_stream(folder), workers, decode="gpu")))
     assert type(packed) is JpegBatch and packed.lengths.sum() == packed.data.numel() and packed.labels.shape == (3,)
     assert all(url.startswith(str(folder)) and url.endswith(".tar") for url in packed.urls)
     with pytest.raises(ValueError, match="unknown decode 'fpga'; one of cpu, gpu, both"):
-        make_loader(train_stream(folder), workers, CPU, decode="fpga")
+        WorkerLoader(train_stream(folder), workers, decode="fpga")
 
 
 def oversized_jpeg(i: int) -> bytes:
@@ -116,13 +129,13 @@ def test_jpeg_bytes_for_the_device_go_through_slots_or_spill_when_larger(tmp_pat
     folder = write_folder(tmp_path, train_lengths=(4, 4), val_lengths=(3, 3), jpeg=lambda i: oversized_jpeg(i) if i < 3 else jpeg_of(i))
     split = open_shards(str(folder)).split("validation")
     stream = ShardStream(split, 3, train=False)
-    raw = [pack_batch(b) for b in stream.raw_batches(0, 2)] + [pack_batch(b) for b in stream.raw_batches(1, 2)]
-    got = [(data.clone(), lengths, labels, urls) for data, lengths, labels, urls in make_loader(stream, 2, CPU, decode="gpu")]
+    raw = [pack_batch(b) for b in stream.batches(0, 2)] + [pack_batch(b) for b in stream.batches(1, 2)]
+    got = [(data.clone(), lengths, labels, urls) for data, lengths, labels, urls in WorkerLoader(stream, 2, decode="gpu")]
     assert len(got) == len(raw) == 2
     for (a, la, ca, ua), (b, lb, cb, ub) in zip(raw, got):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ca, cb) and ua == ub
     assert got[0][1].sum() > 3 * 256 * 256 * 3  # the first batch did not fit its slot
-    decoded = list(DeviceLoader(make_loader(stream, 2, CPU, decode="gpu"), CPU))
+    decoded = list(DeviceLoader(stream, CPU, workers=2, decode="gpu"))
     for images, labels in decoded:
         check_pixels(images, labels)
     assert sorted(sum((labels.tolist() for _, labels in decoded), [])) == [0, 1, 2, 3, 4, 5]
@@ -132,7 +145,7 @@ def test_both_leaves_to_the_device_only_the_batches_started_while_training_waits
     # Training steps of 0.2 s: once started, the workers are ahead, so no batch they start finds the
     # main process waiting, and they decode every one. Worker 0's first batch starts while the main
     # process waits for it: its JPEG bytes go to the device.
-    loader = DeviceLoader(make_loader(train_stream(folder, steps=10), 2, CPU, decode="both", depth=2), CPU)
+    loader = DeviceLoader(train_stream(folder, steps=10), CPU, workers=2, decode="both", depth=2)
     got, on_device = [], []
     for images, labels in loader:
         on_device.append(loader.decoded_here - sum(on_device))
@@ -145,7 +158,7 @@ def test_both_leaves_to_the_device_only_the_batches_started_while_training_waits
 
 
 def test_a_killed_worker_is_an_error_naming_it(folder):
-    batches = iter(make_loader(train_stream(folder, steps=40), 2, CPU, depth=1))
+    batches = iter(WorkerLoader(train_stream(folder, steps=40), 2, depth=1))
     next(batches)
     victim = loader_children()[1]
     os.kill(victim, signal.SIGKILL)
@@ -161,14 +174,14 @@ def test_a_failing_worker_is_one_line_and_its_traceback_goes_to_stderr(folder, m
 
     monkeypatch.setattr(loader_module, "decode_batch", broken)  # the forked workers inherit it
     with pytest.raises(LoaderWorkerError) as e:
-        list(make_loader(train_stream(folder), 2, CPU))
+        list(WorkerLoader(train_stream(folder), 2))
     assert str(e.value) == "loader worker 0 failed: ValueError: no decoder today (traceback above)"
     assert capfd.readouterr().err.startswith("Traceback (most recent call last):\n")
     assert loader_children() == []
 
 
 def test_stopping_early_stops_the_workers(folder):
-    batches = iter(make_loader(train_stream(folder, steps=40), 2, CPU))
+    batches = iter(WorkerLoader(train_stream(folder, steps=40), 2))
     next(batches)
     assert len(loader_children()) == 2
     batches.close()
@@ -178,10 +191,10 @@ def test_stopping_early_stops_the_workers(folder):
 def test_workers_end_when_the_main_process_is_killed(folder):
     script = textwrap.dedent(f"""
         import os, sys, time, torch
-        from train.loader import make_loader
-        from train.stream import Sample, ShardStream, open_shards
+        from train.loader import WorkerLoader
+        from train.stream import ShardStream, open_shards
         split = open_shards({str(folder)!r}).split("train")
-        batches = iter(make_loader(ShardStream(split, 3, train=True, steps=40), 2, torch.device("cpu"), depth=1))
+        batches = iter(WorkerLoader(ShardStream(split, 3, train=True, steps=40), 2, depth=1))
         next(batches)
         children = [c for t in os.listdir("/proc/self/task") for c in open(f"/proc/self/task/{{t}}/children").read().split()]
         print(" ".join(children), flush=True)
@@ -211,11 +224,12 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_make_loader_locks_pages_only_when_workers_decode_for_cuda(folder):
+def test_the_device_loader_locks_pages_only_when_workers_decode_for_cuda(folder):
     cuda = torch.device("cuda")
-    assert make_loader(train_stream(folder), 2, cuda).pin and make_loader(train_stream(folder), 2, cuda, decode="both").pin
-    assert not make_loader(train_stream(folder), 2, cuda, decode="gpu").pin
-    assert not make_loader(train_stream(folder), 2, CPU).pin
+    assert DeviceLoader(train_stream(folder), cuda, workers=2).loader.pin
+    assert DeviceLoader(train_stream(folder), cuda, workers=2, decode="both").loader.pin
+    assert not DeviceLoader(train_stream(folder), cuda, workers=2, decode="gpu").loader.pin
+    assert not DeviceLoader(train_stream(folder), CPU, workers=2).loader.pin
     with pytest.raises(ValueError, match="at least one slot"):
         WorkerLoader(train_stream(folder), 2, depth=0)
 
@@ -223,10 +237,10 @@ def test_make_loader_locks_pages_only_when_workers_decode_for_cuda(folder):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_come_from_page_locked_slots_and_equal_the_cpu_ones(folder):
     cuda = torch.device("cuda")
-    for images, _ in make_loader(train_stream(folder), 2, cuda):
+    for images, _ in DeviceLoader(train_stream(folder), cuda, workers=2).loader:
         assert images.is_pinned()
         break
-    got = list(DeviceLoader(make_loader(train_stream(folder), 2, cuda), cuda))
+    got = list(DeviceLoader(train_stream(folder), cuda, workers=2))
     expected = in_turn(train_stream(folder), 2)
     assert len(got) == len(expected) == 9
     for (a, la), (b, lb) in zip(expected, got):

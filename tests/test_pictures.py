@@ -1,4 +1,4 @@
-"""train/pictures.py: `alextrain report` and `alextrain predict --sheet` on a real run.
+"""`alextrain report` (train/run_report.py) and `alextrain predict --sheet` (train/prediction_sheet.py) on a real run.
 
 One short real training run per session (the trainer itself, on the demo shards: 2 epochs, then resumed
 for a third) gives the metrics.jsonl, config.json and checkpoints every test here reads. The pictures
@@ -24,18 +24,9 @@ from train import checkpoint, loop
 from train.cli import main
 from train.config import TrainConfig
 from train.predict import format_predictions, load_image, predict_files
-from train.pictures import (
-    REPORT_HINT,
-    REPORT_NAME,
-    SHEET_HINT,
-    ReportError,
-    format_summary,
-    predict_sheet,
-    render_report,
-    run_summary,
-    sheet_grid,
-    sheet_size,
-)
+from train.prediction_sheet import SHEET_HINT, predict_sheet, sheet_grid, sheet_size
+from train.run_folder import REPORT as REPORT_NAME
+from train.run_report import REPORT_HINT, ReportError, format_summary, render_report, run_summary
 
 BATCH, STEPS, EPOCHS = 8, 2, 3  # per step, per epoch, in all (the last one after a resume)
 

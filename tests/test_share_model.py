@@ -27,13 +27,14 @@ from hubstub import WRITE_TOKEN, WRITE_USER
 from train import checkpoint
 from train.cli import main
 from train.config import TrainConfig
-from train.export import EXPORT_FILES, default_folder, export
+from train.export import EXPORT_FILES, export
 from train.loop import train
 from train.model import build_model
-from train.pictures import sheet_size
+from train.prediction_sheet import sheet_size
 from train.hub import HubError
 from train.predict import predict_files
 from train.pretrained import ModelError, load_pretrained
+from train.run_folder import export_folder
 
 REPO = f"{WRITE_USER}/tiny-alexnet"
 # The smallest real run: 2 steps of 8 pictures (64 px crops) on the CPU, one epoch, evaluated.
@@ -197,7 +198,7 @@ def test_alexnet_tv_weights_load_unchanged_into_torchvision(demo_shards, tmp_pat
              "config": TrainConfig(shards=str(folder), arch="alexnet-tv").to_dict()}
     checkpoint.save(state, tmp_path / "last.pt")
     done = export(tmp_path / "last.pt", evaluate=False)
-    assert done.folder == default_folder(tmp_path / "last.pt") == tmp_path / "model-last"
+    assert done.folder == export_folder(tmp_path / "last.pt") == tmp_path / "model-last"
     tv = torchvision.models.alexnet(num_classes=10).eval()
     tv.load_state_dict(load_file(done.folder / "model.safetensors"))  # strict: every name and shape as torchvision's
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in tv.state_dict().items())
@@ -292,6 +293,30 @@ def test_push_failures_are_one_line_and_publish_nothing(exported, writer, monkey
     assert WRITE_TOKEN not in line and writer.token not in line
     ok("push", str(exported), "--repo", REPO)  # run again: published whole
     assert len(writer.models.commits(REPO)) == 2
+
+
+def test_a_hub_failure_is_told_from_a_bug_by_the_clients_own_types():
+    """What the client's HTTP library raises (whatever that library is called: the client's session
+    says, as huggingface_hub 1.x moved from httpx to httpx2) is a Hub failure, one line; anything else
+    is a bug that keeps its traceback. The error here comes from this module, as the library's errors
+    reach us through the client's wrappers and its transport's own modules."""
+    import sys
+
+    from huggingface_hub.utils import get_session
+
+    from train.hub import _is_hub_error
+
+    library = sys.modules[type(get_session()).__module__.split(".")[0]]
+
+    class TransportTrouble(library.TransportError):
+        pass
+
+    try:
+        raise RuntimeError("while pushing") from TransportTrouble("connection reset by peer")
+    except RuntimeError as wrapped:
+        assert _is_hub_error(wrapped)
+    assert _is_hub_error(TimeoutError("timed out"))
+    assert not _is_hub_error(KeyError("siblings")) and not _is_hub_error(FileNotFoundError("model.safetensors"))
 
 
 @pytest.mark.slow

@@ -130,7 +130,7 @@ def test_sidecar_sums_are_those_of_the_shards_images(demo_shards):
 
 
 def test_stats_agree_with_numpy_over_the_decoded_shards(demo_shards):
-    stats = read_stats(demo_shards)
+    stats = read_stats(demo_shards).to_json()
     names = sorted(p.name for p in demo_shards.glob("train-*.tar"))
     # numpy in float64, accumulated image by image (all 20M pixels at once would take 0.5 GB).
     n, total, outer = 0, np.zeros(3), np.zeros((3, 3))
@@ -174,10 +174,10 @@ def test_sampled_statistics_are_exact_over_every_kth_written_image(demo_shards, 
         assert (sampled_shards / name).read_bytes() == (demo_shards / name).read_bytes(), name
     images = decoded_train_images(demo_shards, names)  # in written order (the demo build skips nothing)
     assert len(images) == 300
-    stats = read_stats(sampled_shards)
+    stats = read_stats(sampled_shards).to_json()
     assert stats == sums_of(images[::3]).stats(every=3)
     assert (stats["sample_every"], stats["num_images"], stats["num_pixels"]) == (3, 100, 100 * 256 * 256)
-    assert read_stats(demo_shards)["sample_every"] == 1  # a split under 200,000 images: every image
+    assert read_stats(demo_shards).sample_every == 1  # a split under 200,000 images: every image
 
     # Against every image: the sample's mean pixel and mean channel products lie within 4 standard errors
     # of simple random sampling without replacement, from the spread of the images' own values.

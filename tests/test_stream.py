@@ -20,8 +20,9 @@ import torch
 
 from grey_shards import check_pixels, jpeg_of, write_folder, write_tar
 from prep.contract import ContractError
-from train.loader import DeviceLoader, make_loader
-from train.stream import RemoteReads, ShardError, ShardStream, epoch_order, join, open_shards, read_shard, reader_plan, worker_batches
+from train.loader import DeviceLoader
+from train.remote import RemoteReads, join
+from train.stream import ShardError, ShardStream, epoch_order, open_shards, read_shard, reader_batches, reader_plan
 
 CPU = torch.device("cpu")
 
@@ -32,7 +33,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def collect(stream: ShardStream, workers: int, decode: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(DeviceLoader(make_loader(stream, workers, CPU, decode=decode), CPU))
+    return list(DeviceLoader(stream, CPU, workers=workers, decode=decode))
 
 
 def test_read_shard_yields_raw_samples_in_file_order(folder):
@@ -52,11 +53,11 @@ def test_reader_plan_deals_shards_or_samples_without_overlap():
     assert epoch_order(5, seed=1, epoch=3, shuffle=False) == [0, 1, 2, 3, 4]
 
 
-def test_worker_batches_split_a_rank_steps_among_workers():
-    # 10 steps over 3 workers: worker 0 has batches 0, 3, 6, 9; worker 1 1, 4, 7; worker 2 2, 5, 8.
-    assert [worker_batches(10, 0, w, 3) for w in range(3)] == [(0, 4), (0, 3), (0, 3)]
-    # Resumed after 4 steps: batches 4..9 remain (worker 0: 6, 9; worker 1: 4, 7; worker 2: 5, 8).
-    assert [worker_batches(10, 4, w, 3) for w in range(3)] == [(2, 2), (1, 2), (1, 2)]
+def test_reader_batches_split_a_rank_steps_among_readers():
+    # 10 steps over 3 readers: reader 0 has batches 0, 3, 6, 9; reader 1 1, 4, 7; reader 2 2, 5, 8.
+    assert [reader_batches(10, 0, r, 3) for r in range(3)] == [(0, 4), (0, 3), (0, 3)]
+    # Resumed after 4 steps: batches 4..9 remain (reader 0: 6, 9; reader 1: 4, 7; reader 2: 5, 8).
+    assert [reader_batches(10, 4, r, 3) for r in range(3)] == [(2, 2), (1, 2), (1, 2)]
 
 
 @pytest.mark.slow
@@ -169,7 +170,7 @@ def test_corrupt_shard_fails_with_its_name(tmp_path, workers, damage, error):
 def test_pipe_url_prefix_reads_like_the_folder(folder):
     location = f"pipe:cat {folder}/{{}}"
     shards = open_shards(location)
-    assert shards.info == json.loads((folder / "_info.json").read_text())
+    assert shards.info.to_json() == json.loads((folder / "_info.json").read_text())
     assert join(location, "train-000000.tar") == f"pipe:cat {folder}/train-000000.tar"
     local = collect(ShardStream(open_shards(str(folder)).split("validation"), 4, train=False), 0)
     remote = collect(ShardStream(shards.split("validation"), 4, train=False), 0)

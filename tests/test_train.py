@@ -13,10 +13,12 @@ from PIL import Image
 from torchcodec.decoders import decode_jpeg
 
 from train import checkpoint
-from train.augment import PixelStats, eval_views
+from prep.contract import PixelStats
+from train.augment import StatsTensors, eval_views
 from train.cli import main
 from train.config import TrainConfig
-from train.loop import METRICS, Schedule, train
+from train.loop import Schedule, train
+from train.run_folder import METRICS
 from train.predict import load_image, predict_images
 
 # Chosen for a reliable fall on 2 CPU cores in about a minute: BatchNorm (the paper's model needs many
@@ -86,10 +88,10 @@ def test_predict_top5_on_jpeg_and_png(run, demo_shards, tmp_path):
     Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(tmp_path / "picture.png")
 
     state = checkpoint.load(run / "best.pt")
-    names, scaling = [c["name"] for c in state["classes"]], checkpoint.input_scaling(state)
+    names, scaling = [c["name"] for c in state["classes"]], state["inputs"]
     assert scaling == "standardize"  # alexnet-bn's
     model, _ = checkpoint.load_model(run / "best.pt", torch.device("cpu"))
-    stats = PixelStats.from_json(state["stats"])
+    stats = StatsTensors.of(PixelStats.from_json(state["stats"], "checkpoint stats"))
     with torch.no_grad():
         probs = torch.softmax(model(eval_views(load_image(tmp_path / "picture.jpg")[None], stats, 64, scaling=scaling)[0]), dim=1)[0]
     top = probs.topk(5)

@@ -4,17 +4,21 @@ Training (the paper's): an independent random size x size crop and a horizontal 
 image, on the uint8 pixels; then PCA lighting (alpha ~ N(0, 0.1) per image, drawn once per image and
 added to every pixel) and the model's input scaling (INPUT_SCALINGS), fused into one multiply-add.
 Evaluation: the center crop, or the paper's ten crops, with the same input scaling. Why each model
-gets which scaling, and the units of the lighting: docs/recipe.md. Randomness comes only from the torch.Generator passed in; the random draws happen on
-the generator's device (put it on the batch's device for speed, or on the CPU to get the same draws on
-any device) and are consumed in a fixed order: crop rows, crop columns, flips, lighting alphas.
-Memory format is kept: a channels_last batch gives channels_last views.
+gets which scaling, and the units of the lighting: docs/recipe.md.
+
+Randomness comes only from the torch.Generator passed in; the random draws happen on the generator's
+device (put it on the batch's device for speed, or on the CPU to get the same draws on any device)
+and are consumed in a fixed order: crop rows, crop columns, flips, lighting alphas. Memory format is
+kept: a channels_last batch gives channels_last views.
 """
+
+from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from prep.contract import check_stats
+from prep.contract import PixelStats
 
 # How pixels become model inputs, per architecture (train/model.py: INPUTS):
 #   "subtract-mean": the paper's, raw 0-255 values minus the training set's per-channel mean;
@@ -23,8 +27,9 @@ INPUT_SCALINGS = ("subtract-mean", "standardize")
 
 
 @dataclass
-class PixelStats:
-    """The training split's pixel statistics on a 0..1 scale, as float32 tensors on one device."""
+class StatsTensors:
+    """The training split's pixel statistics (prep.contract.PixelStats, checked when read: finite, in
+    the ranges pixels allow, so float32 stays finite) as float32 tensors on one device, on a 0..1 scale."""
 
     mean: torch.Tensor  # (3,) RGB
     std: torch.Tensor  # (3,)
@@ -32,12 +37,9 @@ class PixelStats:
     eigvec: torch.Tensor  # (3, 3) unit eigenvectors as columns: eigvec[:, j] belongs to eigval[j]
 
     @classmethod
-    def from_json(cls, d: dict, device: torch.device | str = "cpu", source: str = "pixel statistics") -> "PixelStats":
-        """From the content of stats.json, checked by the contract (prep.contract.check_stats: shapes,
-        finite values in the ranges pixels allow, so float32 stays finite); `source` names it in errors.
-        Raises ContractError with one line naming the field."""
-        check_stats(d, source)
-        return cls(**{k: torch.tensor(d[k], dtype=torch.float64).to(device, torch.float32) for k in ("mean", "std", "eigval", "eigvec")})
+    def of(cls, stats: PixelStats, device: torch.device | str = "cpu") -> StatsTensors:
+        return cls(**{k: torch.tensor(getattr(stats, k), dtype=torch.float64).to(device, torch.float32)
+                      for k in ("mean", "std", "eigval", "eigvec")})
 
 
 def _check_batch(x: torch.Tensor, size: int) -> tuple[int, int, int]:
@@ -77,7 +79,7 @@ def lighting_offset(alpha: torch.Tensor, eigval: torch.Tensor, eigvec: torch.Ten
     return (alpha * eigval) @ eigvec.T
 
 
-def _to_inputs(x_u8: torch.Tensor, stats: PixelStats, offset: torch.Tensor, scaling: str) -> torch.Tensor:
+def _to_inputs(x_u8: torch.Tensor, stats: StatsTensors, offset: torch.Tensor, scaling: str) -> torch.Tensor:
     """(..., 3, H, W) uint8 -> float32 model inputs x * scale + shift in one pass, for x / 255 + offset
     on the 0..1 scale (offset (3,) or (B, 3): the lighting). "standardize": (x / 255 + offset - mean)
     / std; "subtract-mean": 255 (x / 255 + offset - mean) = x + 255 (offset - mean), 0-255 units.
@@ -92,7 +94,7 @@ def _to_inputs(x_u8: torch.Tensor, stats: PixelStats, offset: torch.Tensor, scal
 
 
 def train_views(
-    x_u8: torch.Tensor, stats: PixelStats, size: int = 224, *, scaling: str, generator: torch.Generator, lighting_std: float = 0.1
+    x_u8: torch.Tensor, stats: StatsTensors, size: int = 224, *, scaling: str, generator: torch.Generator, lighting_std: float = 0.1
 ) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> (B, 3, size, size) float32 training inputs: crop and flip, then PCA
     lighting on the 0..1 scale (each image's offset eigvec @ (alpha * eigval)) and the input
@@ -102,7 +104,7 @@ def train_views(
     return _to_inputs(x, stats, lighting_offset(alpha, stats.eigval, stats.eigvec), scaling)
 
 
-def eval_views(x_u8: torch.Tensor, stats: PixelStats, size: int = 224, mode: str = "center", *, scaling: str) -> torch.Tensor:
+def eval_views(x_u8: torch.Tensor, stats: StatsTensors, size: int = 224, mode: str = "center", *, scaling: str) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> (V, B, 3, size, size) float32 views in the input `scaling`.
     mode="center": V=1, the center crop. mode="ten": V=10, the paper's test views in this order:
     top-left, top-right, bottom-left, bottom-right, center, then the left-right mirror images of those

@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of tensors and plain values only (so `torch.load(weights_only=True)` reads it):
 
-    format        1
+    format        2
     model         the unwrapped model's state_dict (no DDP `module.` or torch.compile `_orig_mod.`)
     optimizer     the SGD state_dict (momentum buffers)
     schedule      the learning-rate schedule's state (plain numbers)
@@ -13,13 +13,12 @@ A checkpoint is a dict of tensors and plain values only (so `torch.load(weights_
     best_top1_err best validation top-1 error so far (None before the first evaluation)
     best_epoch    the epoch (1-based) whose end-of-epoch weights scored best_top1_err, so best.pt holds
                   the checkpoint saved after it; absent in checkpoints written before it was recorded
-    epoch_totals  the epoch's running sums so far (loss, top-1 and top-5 hits, samples, seconds, seconds
-                  waiting for data), so the epoch's record is whole after a mid-epoch resume
+    epoch_totals  the epoch's running sums so far, by name (train/metrics.py EpochTotals: loss_sum, top1,
+                  top5, samples, seconds, wait), so the epoch's record is whole after a mid-epoch resume
     config        the TrainConfig as a dict
     classes       [{"index", "wnid", "name"}] from _info.json
     stats         stats.json's content (eval and predict scale inputs with it, without the shard folder)
-    inputs        how pixels became the model's inputs (train/augment.py: INPUT_SCALINGS); checkpoints
-                  written before it was recorded lack it and were trained with "standardize"
+    inputs        how pixels became the model's inputs (train/augment.py: INPUT_SCALINGS)
 
 No RNG states are stored because none carry over between steps: every random draw (initial weights
 aside) comes from generators seeded with (seed, epoch, step, rank) at each step (train/loop.py), so
@@ -28,6 +27,10 @@ is no scaler state. Files are written to a temporary name and renamed.
 
 A checkpoint belongs to the run folder it lies in: `--resume` continues the run there, whatever
 folder the checkpoint's own config names (a copied folder is a run of its own).
+
+Format 1 (alextrain before format 2) is converted when loaded, so its runs resume, evaluate, predict
+and export as before: its `epoch_totals` was a list in the order above, and it may lack `best_epoch`
+(None: unknown) and `inputs` (its models were trained with "standardize").
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ import torch
 from torch import nn
 
 from prep.contract import atomic_write
+from prep.text import first_line
 from train.config import ConfigError, TrainConfig
 from train.model import build_model
+from train.run_folder import BEST, LAST, METRICS, remove_stale_temps
 
-FORMAT = 1
-LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
-UNRECORDED_INPUTS = "standardize"  # what every checkpoint without an "inputs" record was trained with
+FORMAT = 2
+_FORMAT_1_TOTALS = ("loss_sum", "top1", "top5", "samples", "seconds", "wait")  # format 1's epoch_totals list, in order
 
 
 class CheckpointError(Exception):
@@ -81,16 +85,6 @@ class _Writes:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete the temporary files that a killed save or link left in `folder` (atomic_write's
-    `.tmp-last.pt.XXXXXXXX`, up to a whole checkpoint each, and link's `.tmp-best.pt.link`); only
-    those names, only regular files. Returns what was removed."""
-    stale = [p for name in (LAST, BEST) for p in Path(folder).glob(f".tmp-{name}.*") if p.is_file() and not p.is_symlink()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def link(source: str | Path, path: str | Path) -> None:
@@ -134,21 +128,26 @@ def resolve(path: str | Path) -> Path:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by `save` (tensors and plain values only: weights_only=True)."""
+    """Read a checkpoint written by `save` (tensors and plain values only: weights_only=True), in
+    format 2 (format 1 converted, module docstring)."""
     path = resolve(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors have no common base class
-        reason = (str(e).splitlines() or [type(e).__name__])[0]  # a 0-byte file raises an exception with no message
-        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
+    if isinstance(state, dict) and state.get("format") == 1:
+        state = _from_format_1(state)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an alextrain checkpoint of format {FORMAT}")
+        raise CheckpointError(f"{path}: not an alextrain checkpoint of format 1 or {FORMAT}")
     return state
 
 
-def input_scaling(state: dict) -> str:
-    """How the checkpoint's model was fed during training, so eval, predict and resume feed it alike."""
-    return state.get("inputs", UNRECORDED_INPUTS)
+def _from_format_1(state: dict) -> dict:
+    """A format-1 checkpoint in format 2: the epoch's sums by name, and the records format 1 could lack."""
+    totals = state.get("epoch_totals")
+    if isinstance(totals, list) and len(totals) == len(_FORMAT_1_TOTALS):
+        totals = dict(zip(_FORMAT_1_TOTALS, totals))
+    return {"best_epoch": None, "inputs": "standardize", **state, "format": FORMAT, "epoch_totals": totals}
 
 
 def trusted_shards(path: str | Path, shards: str | None) -> str | None:

@@ -1,7 +1,7 @@
 """`alextrain`: train (the default command), `eval`, `predict`, `report`, `export` and `push`. Parses
-options and calls; the work is in train/loop.py, train/evaluate.py, train/predict.py, train/pictures.py,
-train/export.py and train/hub.py. Training options are generated from TrainConfig's fields, so their
-help and defaults are the ones in train/config.py."""
+options and calls; the work is in train/loop.py, train/evaluate.py, train/predict.py (and
+train/prediction_sheet.py), train/run_report.py, train/export.py and train/hub.py. Training options are
+generated from TrainConfig's fields, so their help and defaults are the ones in train/config.py."""
 
 from __future__ import annotations
 
@@ -15,21 +15,23 @@ from click.core import ParameterSource
 
 from prep.contract import ContractError
 from train import checkpoint, dist, loop
-from train.loader import LoaderWorkerError
 from train.checkpoint import CheckpointError
 from train.config import DEVICES, ConfigError, TrainConfig
 from train.evaluate import evaluate_checkpoint
 from train.export import EXPORT_FILES, ExportError, export, publish
 from train.hub import HubError
-from train.pictures import ReportError, format_summary, predict_sheet, render_report, run_summary
+from train.loader import LoaderWorkerError
+from train.metrics import MetricsError, NonFiniteLoss
 from train.predict import ImageError, format_predictions, predict_files
+from train.prediction_sheet import predict_sheet
 from train.pretrained import ModelError, ModelRef
+from train.run_folder import BEST, LAST, METRICS, RunFolderError
+from train.run_report import ReportError, format_summary, render_report, run_summary
 from train.stream import ShardError
 
 # Errors that mean bad input, not a bug: one line, exit status 1.
-USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, LoaderWorkerError,
-               loop.RunFolderError, loop.NonFiniteLoss, loop.MetricsError, dist.MainRankFailed, ModelError, HubError,
-               ExportError)
+USER_ERRORS = (ConfigError, ContractError, ShardError, CheckpointError, ImageError, LoaderWorkerError, RunFolderError,
+               NonFiniteLoss, MetricsError, dist.MainRankFailed, ModelError, HubError, ExportError)
 
 
 def train_options(command):
@@ -61,7 +63,7 @@ def run_training(ctx: click.Context, options: dict) -> None:
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
     if record:
-        click.echo(f"done: {config.out} ({checkpoint.LAST}, {checkpoint.BEST}, {loop.METRICS})", err=True)
+        click.echo(f"done: {config.out} ({LAST}, {BEST}, {METRICS})", err=True)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})

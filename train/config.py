@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from train.device_decode import GPU_DECODERS
+from prep.contract import IMAGE_SIZE
+from train.device_decode import DECODES, GPU_DECODERS
 from train.model import ARCHS, WARMUP_STEPS, min_input_size
 
 SCHEDULES = ("plateau", "step", "cosine")
 LR_SCALINGS = ("none", "linear")
-DECODERS = ("cpu", "gpu", "both")
 DEVICES = ("auto", "cpu", "cuda")
 PAPER_BATCH = 128  # the batch size the base learning rate belongs to (linear scaling rule)
 FLOAT32_MAX = torch.finfo(torch.float32).max  # the weights' type: SGD cannot scale a gradient by a larger lr or weight decay
@@ -60,12 +60,12 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     resume: str | None = _opt(None, "continue a run in its own folder: a run folder (its last.pt), or a checkpoint file in it; --out may "
                                     "only name that folder (to branch a run, copy its folder and resume the copy)")
-    crop_size: int = _opt(224, "side of the random training crop and of the evaluation crops, in pixels (at most 256, and at least "
-                               "the smallest input --arch's layers take)")
+    crop_size: int = _opt(224, f"side of the random training crop and of the evaluation crops, in pixels (at most {IMAGE_SIZE}, and "
+                               "at least the smallest input --arch's layers take)")
     lighting_std: float = _opt(0.1, "standard deviation of the PCA lighting coefficients (0 = off)")
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer (raw JPEG bytes, about 25 KB each)")
     decode: str = _opt("cpu", "where JPEGs are decoded: in the CPU workers, batched on the GPU (torchvision.io.decode_jpeg), or both: "
-                              "the GPU takes the batches the workers start while training waits for data", choices=DECODERS)
+                              "the GPU takes the batches the workers start while training waits for data", choices=DECODES)
     gpu_decoder: str = _opt("torchvision", "what decodes on the GPU with --decode gpu or both: torchvision's nvJPEG, or nvImageCodec "
                                            "(optional extra [nvimgcodec]; uses the GPU's hardware JPEG decoders where it has them)",
                             choices=GPU_DECODERS)
@@ -100,8 +100,8 @@ class TrainConfig:
             raise ConfigError("out must name a run folder, not an empty string")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"steps_per_epoch must be at least 1, not {self.steps_per_epoch}")
-        if not 0 < self.crop_size <= 256:
-            raise ConfigError(f"crop_size must be in 1..256, not {self.crop_size}")
+        if not 0 < self.crop_size <= IMAGE_SIZE:
+            raise ConfigError(f"crop_size must be in 1..{IMAGE_SIZE}, not {self.crop_size}")
         smallest = min_input_size(self.arch)
         if self.crop_size < smallest:
             raise ConfigError(f"crop_size must be at least {smallest} for --arch {self.arch} (a kernel of its layers is larger "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+DECODES = ("cpu", "gpu", "both")  # where a batch's JPEGs are decoded: the loader's policy (train/loader.py)
 GPU_DECODERS = ("torchvision", "nvimgcodec")
 
 

@@ -11,24 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import dist
-from train.augment import PixelStats, eval_views
-from train.checkpoint import CheckpointError
 from prep.contract import ContractError
-from train.loader import DeviceLoader, make_loader
+from train import dist
+from train.augment import StatsTensors, eval_views
+from train.checkpoint import CheckpointError
+from train.loader import DeviceLoader
+from train.metrics import topk_correct
 from train.pretrained import ModelRef
-from train.stream import ShardStream, Split, open_shards
-
+from train.stream import ShardStream, SplitShards, open_shards
 
 CENTER_VIEW = 4  # eval_views(mode="ten") order: 4 corners, center, then their mirror images
-
-
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
-    """(B, C) scores, (B,) labels -> (len(ks),) float64 counts of samples whose label is among the k
-    best scores. With fewer than k classes every sample counts."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (B, k)
-    hit = top == labels[:, None]  # (B, k), at most one True per row
-    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks]).double()
 
 
 def autocast(device: torch.device):
@@ -41,8 +33,8 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    split: Split,
-    stats: PixelStats,
+    split: SplitShards,
+    stats: StatsTensors,
     device: torch.device,
     *,
     scaling: str,
@@ -64,7 +56,7 @@ def evaluate(
     model.eval()
     stream = ShardStream(split, batch_size, train=False, rank=rank, world_size=world_size)
     sums = EvalSums.zeros(device)
-    for images, labels in DeviceLoader(make_loader(stream, workers, device, decode=decode), device, gpu_decoder):
+    for images, labels in DeviceLoader(stream, device, workers=workers, decode=decode, gpu_decoder=gpu_decoder):
         x = eval_views(images, stats, crop_size, mode, scaling=scaling)  # (V, B, 3, S, S)
         v, b = x.shape[:2]
         x = x.flatten(0, 1)  # (V * B, 3, S, S)

@@ -32,18 +32,21 @@ from typing import NamedTuple
 
 import torch
 
-from prep.contract import IMAGE_SIZE, INFO_NAME, ContractError, imagenet_classes, write_json
+from prep.contract import IMAGE_SIZE, INFO_NAME, ContractError, PixelStats, imagenet_classes, short_name, write_json
 from train import checkpoint, hub
-from train.augment import PixelStats
+from train.augment import StatsTensors
 from train.config import PAPER_BATCH
 from train.evaluate import evaluate_checkpoint
 from train.hub import Pushed
-from train.loop import read_metrics
+from train.metrics import read_metrics
 from train.modelcard import CARD_NAME, CURVES_NAME, IMAGENET_ID, SHEET_NAME, write_card
-from train.pictures import ReportError, predict_sheet, render_report
 from train.predict import predict_images
+from train.prediction_sheet import predict_sheet
 from train.pretrained import CONFIG_NAME, MODEL_FORMAT, MODEL_FORMAT_VERSION, WEIGHTS_NAME, load_pretrained
-from train.stream import RemoteReadError, RemoteReads, is_url, join, open_file, open_shards, read_shard
+from train.remote import RemoteReadError, RemoteReads, join, read_bytes
+from train.run_folder import METRICS, export_folder
+from train.run_report import ReportError, render_report
+from train.stream import open_shards, read_shard
 
 EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVES_NAME, SHEET_NAME)  # all an export may hold
 SHEET_PICTURES = 8  # validation pictures on predictions.png: two rows of four
@@ -63,11 +66,6 @@ class Published(NamedTuple):
     exported: bool  # False: the folder was an export already, or a current export of the checkpoint
     notes: list[str]
     pushed: Pushed
-
-
-def default_folder(checkpoint_path: Path) -> Path:
-    """Where `alextrain export` and `push` put a checkpoint's export: RUN/model-last for RUN/last.pt."""
-    return checkpoint_path.parent / f"model-{checkpoint_path.stem}"
 
 
 def read_export(folder: Path) -> dict | None:
@@ -97,9 +95,9 @@ def is_current(folder: Path, checkpoint_path: Path) -> bool:
 def export(path: str | Path, out: str | Path | None = None, *, shards: str | None = None, evaluate: bool = True,
            batch_size: int = 128, workers: int | None = None, device: str = "auto") -> Exported:
     """Export the checkpoint `path` (a file, or a run folder's last.pt) to the model folder `out`
-    (default: `default_folder`). Raises ExportError, or the checkpoint's and shard folder's own errors."""
+    (default: `run_folder.export_folder`). Raises ExportError, or the checkpoint's and shard folder's own errors."""
     ckpt = checkpoint.resolve(path)
-    out = Path(out) if out is not None else default_folder(ckpt)
+    out = Path(out) if out is not None else export_folder(ckpt)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or read_export(out) is not None)):
         raise ExportError(f"{out}: exists and is not an earlier export; give --out a new or empty folder")
     state = checkpoint.load(ckpt)
@@ -177,7 +175,7 @@ def _write_weights(model: torch.nn.Module, path: Path) -> None:
 
 def _recorded_evaluation(run_dir: Path, epoch: int) -> dict:
     """The centre-crop validation numbers the training logged for `epoch`, if the run folder has them."""
-    records = read_metrics(run_dir / checkpoint.METRICS) if (run_dir / checkpoint.METRICS).is_file() else []
+    records = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
     done = next((r for r in records if r["kind"] == "epoch" and r["epoch"] == epoch and "val_top1_err" in r), None)
     numbers = None if done is None else {"top1_err": done["val_top1_err"], "top5_err": done["val_top5_err"]}
     return {"split": "validation", "images": None, "center_crop": numbers, "ten_crops": None,
@@ -187,10 +185,7 @@ def _recorded_evaluation(run_dir: Path, epoch: int) -> dict:
 
 def _info_sha256(location: str) -> str:
     """sha256 of the shard folder's `_info.json` as stored (the folder's identity)."""
-    if not is_url(location):
-        return hashlib.sha256(Path(location, INFO_NAME).read_bytes()).hexdigest()
-    with open_file(join(location, INFO_NAME), RemoteReads()) as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(read_bytes(join(location, INFO_NAME), RemoteReads())).hexdigest()
 
 
 def _dataset(location: str | None, notes: list[str]) -> dict:
@@ -206,9 +201,9 @@ def _dataset(location: str | None, notes: list[str]) -> dict:
         notes.append(f"the shard folder could not be read ({e}): the export records only its location")
         return {"location": location}
     info, wnids = folder.info, [c.wnid for c in folder.classes]
-    return {"location": location, "name": info.get("name"), "source": info.get("options", {}).get("source"),
-            "build_options": info.get("options"), "info_sha256": info_sha256,
-            "num_samples": {s: e["num_samples"] for s, e in info["splits"].items()},
+    return {"location": location, "name": info.name, "source": info.options.get("source"),
+            "build_options": info.options, "info_sha256": info_sha256,
+            "num_samples": {name: split.num_samples for name, split in info.splits.items()},
             "hub_id": IMAGENET_ID if wnids == [c.wnid for c in imagenet_classes()] else None}
 
 
@@ -225,12 +220,12 @@ def _examples(model: torch.nn.Module, state: dict, location: str, sheet: Path, n
             keys.append(sample.key)
             labels.append(names[sample.label])
             # The sheet shows each file's name; a key or class name read from a shard never becomes a path.
-            name = f"{sample.key} ({names[sample.label].split(',')[0]})"  # ImageNet names list synonyms
+            name = f"{sample.key} ({short_name(names[sample.label])})"
             paths.append(Path(tmp, str(i), re.sub(r"[^\w ()-]+", "_", name) + ".jpg"))
             paths[-1].parent.mkdir()
             paths[-1].write_bytes(sample.jpg)
-        stats = PixelStats.from_json(state["stats"], source="checkpoint stats")
-        top5 = predict_images(model, paths, stats, names, torch.device("cpu"), scaling=checkpoint.input_scaling(state),
+        stats = StatsTensors.of(PixelStats.from_json(state["stats"], "checkpoint stats"))
+        top5 = predict_images(model, paths, stats, names, torch.device("cpu"), scaling=state["inputs"],
                               crop_size=state["config"]["crop_size"])
         try:
             predict_sheet(top5, paths, sheet, title=f"top-5 predictions, first {len(paths)} validation pictures")
@@ -248,7 +243,7 @@ def _config(state: dict, ckpt: Path, model: torch.nn.Module, dataset: dict, eval
         "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
         "arch": cfg["arch"], "num_classes": len(state["classes"]),
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "inputs": {"image_size": IMAGE_SIZE, "crop_size": cfg["crop_size"], "scaling": checkpoint.input_scaling(state),
+        "inputs": {"image_size": IMAGE_SIZE, "crop_size": cfg["crop_size"], "scaling": state["inputs"],
                    "value_scale": "0..1 (pixel / 255); mean, std and the PCA basis are on this scale",
                    **stats,  # stats.json as the run read it: mean, std, cov, eigval, eigvec, image and pixel counts
                    "pictures": f"shorter side scaled to {IMAGE_SIZE} (Lanczos), central {IMAGE_SIZE} x {IMAGE_SIZE} crop, "
@@ -272,7 +267,7 @@ def publish(source: str | Path, repo_id: str, *, private: bool = False, revision
     folder, exported, notes = Path(source), False, []
     if read_export(folder) is None:
         ckpt = checkpoint.resolve(folder)
-        folder = default_folder(ckpt)
+        folder = export_folder(ckpt)
         if not is_current(folder, ckpt):
             folder, notes = export(ckpt, folder, **options)
             exported = True

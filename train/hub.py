@@ -10,8 +10,11 @@ line (HubError) that says what to do.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import NamedTuple
+
+from prep.text import causes, first_line
 
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 
@@ -99,31 +102,28 @@ def _check_repo_id(repo_id: str) -> None:
             raise HFValidationError("it must be USER/NAME")
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise HubError(f"{repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]})") from None
-
-
-def _chain(e: BaseException | None):
-    """`e` and the exceptions it was raised from, outermost first."""
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
+        raise HubError(f"{repo_id!r} is not a Hub repo id ({first_line(e)})") from None
 
 
 def _is_hub_error(e: BaseException) -> bool:
-    """An HTTP answer of the Hub, or a network failure (in the client's own HTTP library, whichever it
-    is), anywhere in e's chain; anything else is a bug and keeps its traceback."""
+    """An HTTP answer of the Hub, or a failure of the client's transport, anywhere in e's chain;
+    anything else is a bug and keeps its traceback. By the client's own exception types: its
+    HfHubHTTPError, Python's ConnectionError and TimeoutError, and the root error of the HTTP library
+    the client's own session is made of (httpx2 for huggingface_hub 1.x; found from the session, not
+    from a list of module names, so the next rename of that library is followed too)."""
     from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import get_session
 
-    network = ("httpx", "httpx2", "httpcore", "h11", "requests", "urllib3")
-    return any(isinstance(x, (HfHubHTTPError, ConnectionError, TimeoutError)) or type(x).__module__.split(".")[0] in network
-               for x in _chain(e))
+    library = sys.modules[type(get_session()).__module__.split(".")[0]]
+    transport = getattr(library, "HTTPError", ConnectionError)  # httpx's (and requests') root error class
+    return any(isinstance(x, (HfHubHTTPError, ConnectionError, TimeoutError, transport)) for x in causes(e))
 
 
 def _status(e: BaseException) -> tuple[int | None, str]:
     """(HTTP status, the server's message) of an HfHubHTTPError met in `e` or its causes; (None, "") if none."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    for x in _chain(e):
+    for x in causes(e):
         if isinstance(x, HfHubHTTPError) and x.response is not None:
             return x.response.status_code, (x.server_message or "").strip().rstrip(".")
     return None, ""
@@ -131,9 +131,8 @@ def _status(e: BaseException) -> tuple[int | None, str]:
 
 def _reason(e: BaseException, token: str | None) -> str:
     """The first line of the deepest cause (the network error under the client's wrapping), token masked."""
-    *_, e = _chain(e)
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {line.replace(token, '***') if token else line}"
+    *_, e = causes(e)
+    return f"{type(e).__name__}: {first_line(e, token)}"
 
 
 def _push_error(e: BaseException, repo_id: str, token: str | None) -> str:

@@ -1,25 +1,26 @@
 """Batches from a ShardStream to the training device: decoding, loader worker processes, and the copy to the GPU.
 
-Two kinds of batch travel from the workers: an `ImageBatch` (decoded on the CPU with TorchCodec) or a
-`JpegBatch` (the JPEG bytes, for the device to decode). Which the workers make is the loader's decode
-policy (`decode`): "cpu" always the first, "gpu" always the second, "both" the second only for the
-batches a worker starts while the main process is waiting for data (a byte in another shared page says
-so), so the CPU workers decode all they can and the device decodes what they cannot keep up with.
+`DeviceLoader(stream, device, workers=...)` is the one road from a stream to (uint8 images, int64
+labels) batches on the device, for training, evaluation and the benchmarks alike.
 
-torch's DataLoader hands every batch a worker makes to the main process through a fresh shared-memory
-segment: the worker faults in new pages for the batch, copies it into a new segment, the main process
-maps that segment, and on CUDA a pin-memory thread copies the batch once more into page-locked memory.
-Here instead each worker owns `depth` slots of one shared mapping, made once per epoch before the
-workers are forked, each slot big enough for one batch:
+Two kinds of batch travel from the workers: an `ImageBatch` (decoded on the CPU with TorchCodec) or a
+`JpegBatch` (the JPEG bytes, for the device to decode). Which the workers make is the decode policy
+(`decode`): "cpu" always the first, "gpu" always the second, "both" the second only for the batches a
+worker starts while the main process is waiting for data (a byte in another shared page says so).
+
+Each worker owns `depth` slots of one anonymous shared mapping, made once per epoch before the workers
+are forked (why not torch's DataLoader: docs/loader.md):
 
     worker w: [slot 0][slot 1][slot 2][slot 3]      B x 256 x 256 x 3 bytes each (or the batch's JPEGs)
 
 A worker decodes a batch straight into a free slot (or puts its JPEG bytes there) and sends a small
-message naming the slot; the main process yields a view of the slot and hands the slot back when the
-next batch is asked for. No page is allocated, copied or mapped per batch, and nothing lives in
-/dev/shm (the mapping is anonymous, so a killed run leaves nothing behind). On CUDA the mapping is
-page-locked once (cudaHostRegister), so the copy to the GPU is a DMA straight out of the slot, on a
-side stream that overlaps the previous step's compute.
+message naming the slot; on CUDA the mapping is page-locked once, so the copy to the GPU is a DMA
+straight out of the slot, on a side stream that overlaps the previous step's compute.
+
+The slot rule: a batch from the workers is a view of a slot, and the slot is handed back to its
+worker (to be filled again) when the next batch is asked for. So whoever asks for the next batch must
+be done with the last one: `DeviceLoader` copies it out of the slot (on the CPU) or waits until the
+device has read it (on CUDA) before it asks.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ import torch
 from torchcodec.decoders import decode_jpeg
 
 from prep.contract import IMAGE_SIZE
+from prep.text import first_line
 from train.config import ConfigError
-from train.device_decode import make_decoder
+from train.device_decode import DECODES, make_decoder
 from train.stream import Sample, ShardError, ShardStream
 
-DECODES = ("cpu", "gpu", "both")  # where JPEGs are decoded: see the module docstring
 DEPTH = 4  # slots per worker: batches a worker may have decoded ahead, plus the one being filled
 STOP_GRACE = 1.0  # seconds workers get to end by themselves (EOF on their pipe) before SIGTERM
 SLOT_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
@@ -94,7 +95,7 @@ def decode_batch(batch: list[Sample], out: torch.Tensor | None = None) -> ImageB
 
 def decode_error_reason(e: RuntimeError) -> str:
     """The decoder's own words from a TorchCodec or torchvision error ("decode_jpeg, FILE.cpp:171, Invalid JPEG...")."""
-    return str(e).splitlines()[0].split(", ")[-1]
+    return first_line(e).split(", ")[-1]
 
 
 def pack_batch(batch: list[Sample]) -> JpegBatch:
@@ -134,12 +135,15 @@ def available_memory() -> int:
     return available
 
 
-def make_loader(stream: ShardStream, workers: int, device: torch.device, *, decode: str = "cpu",
-                depth: int = DEPTH) -> WorkerLoader:
-    """The stream's batches on the host, read by `workers` processes (0: in this one), decoded as the
-    policy `decode` says (DECODES); the slots are page-locked when `device` is CUDA and the workers
-    decode ("cpu" or "both")."""
-    return WorkerLoader(stream, workers, decode=decode, pin=device.type == "cuda" and decode != "gpu", depth=depth)
+def reader_of(worker: int, workers: int, stream: ShardStream) -> int:
+    """The stream reader (`ShardStream.batches`) that loader worker `worker` of `workers` runs.
+
+    The turn order, which exact resume depends on: the loader takes one batch from each worker in turn,
+    worker 0 first, so its k-th batch is the next of worker k % workers; that worker runs reader
+    (k + start) % workers, whose next batch is the epoch's batch start + k. So the k-th batch is the
+    epoch's batch start + k, and which reader (shards, shuffle seed) a batch comes from does not depend
+    on where the epoch was resumed. (An evaluation stream starts at 0: worker w runs reader w.)"""
+    return (worker + stream.start) % workers
 
 
 # Messages from a worker to the main process (the main process sends back only freed slot numbers).
@@ -182,7 +186,7 @@ class WorkerLoader:
     def __iter__(self) -> Iterator[ImageBatch | JpegBatch]:
         if self.workers == 0:
             to_batch = pack_batch if self.decode == "gpu" else decode_batch
-            return (to_batch(batch) for batch in self.stream.raw_batches())
+            return (to_batch(batch) for batch in self.stream.batches())
         return self._from_workers()
 
     def _from_workers(self) -> Iterator[ImageBatch | JpegBatch]:
@@ -220,12 +224,9 @@ class WorkerLoader:
                     torch.cuda.cudart().cudaHostUnregister(ptr)
 
     def _batches(self, processes, conns, slots, waiting) -> Iterator[ImageBatch | JpegBatch]:
-        """The workers' batches, taken in turn.
-
-        The turn order, which exact resume depends on: the k-th batch yielded is the next batch of
-        worker k % workers, and worker w makes the stream's `raw_batches(w, workers)`, so for training
-        the k-th batch is the epoch's batch start + k (ShardStream.raw_batches). When a worker has no
-        batches left (evaluation), the others go on in turn."""
+        """The workers' batches, taken in turn (`reader_of`); when a worker has no batches left
+        (evaluation), the others go on in turn. A batch's slot goes back to its worker when the next
+        batch is asked for (the slot rule, module docstring)."""
         images = [s.view(self.depth, -1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 1, 4, 2, 3) for s in slots]  # channels_last
         active, turn, held = list(range(self.workers)), 0, None
         while active:
@@ -280,7 +281,7 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
     free = list(range(loader.depth))
     images = slots.view(loader.depth, -1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 1, 4, 2, 3)
     try:
-        for batch in loader.stream.raw_batches(w, loader.workers):
+        for batch in loader.stream.batches(reader_of(w, loader.workers, loader.stream), loader.workers):
             if not free:
                 free.append(conn.recv())  # the main process hands a slot back
             slot = free.pop(0)
@@ -300,7 +301,7 @@ def _worker_main(loader: WorkerLoader, w: int, slots: torch.Tensor, waiting: mma
         # A bug: its traceback goes to this process's stderr (the terminal), the one-line summary to the main process.
         traceback.print_exc(file=sys.stderr)
         with contextlib.suppress(OSError):
-            conn.send(_Failed(f"loader worker {w} failed: {type(e).__name__}: {_first_line(e)} (traceback above)", shard_error=False))
+            conn.send(_Failed(f"loader worker {w} failed: {type(e).__name__}: {first_line(e)} (traceback above)", shard_error=False))
 
 
 def _stop(signum, frame) -> None:
@@ -308,10 +309,6 @@ def _stop(signum, frame) -> None:
     # "Exception ignored" traceback instead of ending quietly.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(0)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().split("\n", 1)[0]
 
 
 def _pack(batch: list[Sample], slot: torch.Tensor) -> tuple[list[int], list[str], bytes | None]:
@@ -338,32 +335,37 @@ def _page_lock(slots: list[torch.Tensor]) -> list[int]:
 
 
 class DeviceLoader:
-    """Iterates a loader and yields (uint8 (B, 3, 256, 256), int64 (B,)) batches on `device`,
-    decoding there, with `gpu_decoder` (train/device_decode.py), the batches that come as JPEG bytes.
-    `wait` accumulates the seconds spent blocked on the loader (the data-wait share's numerator);
-    `reset_wait()` returns and zeroes it. `decoded_here` counts the batches decoded on the device.
+    """A stream's batches on `device` as (uint8 (B, 3, 256, 256), int64 (B,)): read by `workers`
+    processes (0: in this one) and decoded as the policy `decode` says (DECODES; "gpu" and "both"
+    decode on the device with `gpu_decoder`, train/device_decode.py). `wait` accumulates the seconds
+    spent blocked on the workers (the data-wait share's numerator); `reset_wait()` returns and zeroes
+    it. `decoded_here` counts the batches decoded on the device.
 
-    On CUDA the copy runs on a side stream, so it overlaps the step the caller has just queued; the
-    compute stream waits for it before the batch is used. The loader's slot is handed back only
-    once the copy (or the decode) has read it."""
+    On CUDA the workers' slots are page-locked (when they decode) and the copy runs on a side stream,
+    so it overlaps the step the caller has just queued; the compute stream waits for it before the
+    batch is used. The slot rule (module docstring) holds because a batch is copied out of its slot,
+    or the device has read it, before the next one is asked for."""
 
-    def __init__(self, loader: WorkerLoader, device: torch.device, gpu_decoder: str = "torchvision"):
-        self.loader, self.device = loader, device
-        self.wait, self.decoded_here = 0.0, 0
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and loader.decode != "gpu" else None
-        self.decoder = make_decoder(gpu_decoder, device) if loader.decode != "cpu" else None
+    def __init__(self, stream: ShardStream, device: torch.device, *, workers: int, decode: str = "cpu",
+                 gpu_decoder: str = "torchvision", depth: int = DEPTH):
+        self.loader = WorkerLoader(stream, workers, decode=decode, pin=device.type == "cuda" and decode != "gpu", depth=depth)
+        self.device, self.wait, self.decoded_here = device, 0.0, 0
+        self.decoder = make_decoder(gpu_decoder, device) if decode != "cpu" else None
+        self.copy_stream = None  # made when iterating: building a loader needs no CUDA
 
     def reset_wait(self) -> float:
         wait, self.wait = self.wait, 0.0
         return wait
 
     def __iter__(self):
+        if self.device.type == "cuda" and self.loader.decode != "gpu" and self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(self.device)
         t0 = time.perf_counter()
         batches = iter(self.loader)  # starts the workers: part of the wait
         read = None  # CUDA event: the last batch's host memory has been read
         while True:
             if read is not None:
-                read.synchronize()
+                read.synchronize()  # the slot rule: the device has read the last batch's slot
             batch = next(batches, None)
             self.wait += time.perf_counter() - t0
             if batch is None:
@@ -376,7 +378,7 @@ class DeviceLoader:
         """(images, labels, an event recorded once `batch` has been read, or None on the CPU)."""
         if isinstance(batch, ImageBatch):
             images, labels = batch
-            if self.device.type != "cuda":
+            if self.device.type != "cuda":  # the slot rule: a copy outlives the slot
                 return (images.clone() if self.loader.reuses_buffers else images), labels, None
             compute = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(self.copy_stream):

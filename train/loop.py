@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
-import json
 import math
 import os
 import time
@@ -27,62 +24,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from prep.contract import STATS_NAME, ContractError, atomic_write, write_json
-from train import checkpoint, dist
-from train.augment import PixelStats, train_views
+from prep.contract import ContractError, write_json
+from train import checkpoint, dist, run_folder
+from train.augment import StatsTensors, train_views
 from train.config import FLOAT32_MAX, PAPER_BATCH, ConfigError, TrainConfig
 from train.device_decode import DecoderUnavailable, import_nvimgcodec
-from train.evaluate import autocast, evaluate, topk_correct
-from train.loader import DeviceLoader, check_host_memory, make_loader
+from train.evaluate import autocast, evaluate
+from train.loader import DeviceLoader, check_host_memory
+from train.metrics import EpochTotals, Interval, MetricsLog, NonFiniteLoss, summary_line
 from train.model import INPUTS, WARMUP_STEPS, build_model
-from train.stream import ShardStream, join, open_shards, seed_for
-
-METRICS, CONFIG = checkpoint.METRICS, "config.json"
-LOCK = ".lock"  # in the run folder; the run writing the folder holds a lock on it (`lock_run_folder`)
-
-
-class RunFolderError(Exception):
-    """The run folder holds another run, or cannot be written; the message says which."""
-
-
-class MetricsError(Exception):
-    """A metrics.jsonl line that is not a record, other than a torn last line; the message names it."""
-
-
-def read_metrics(path: Path, needs: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
-    """The records of a metrics.jsonl, in order. A killed run may leave its last line torn (no newline
-    at the end, any bytes before it): that line is left out unless it is a whole record. Every other
-    line that is not blank must be a record (a JSON object with a "kind"), and a record of a kind in
-    `needs` must hold a number in each field listed there (the fields its reader uses), else
-    MetricsError names the line. Resume (`MetricsLog.rewind`) and `alextrain report` both read the
-    file through this."""
-    *lines, rest = path.read_bytes().split(b"\n")
-    records = []
-    for number, line in enumerate(lines + [rest], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            kind = record["kind"]
-        except (ValueError, TypeError, KeyError):  # UnicodeDecodeError is a ValueError
-            if number > len(lines):
-                break
-            shown = line.decode(errors="replace")
-            shown = shown if len(shown) <= 60 else shown[:59] + "…"
-            raise MetricsError(f"{path}: line {number} is not a metrics record: {shown!r}") from None
-        missing = [name for name in (needs or {}).get(kind, ()) if not _is_number(record.get(name))]
-        if missing:
-            raise MetricsError(f"{path}: line {number}: a {kind} record without a number for {', '.join(missing)}")
-        records.append(record)
-    return records
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class NonFiniteLoss(Exception):
-    """The loss (or the weights) stopped being finite; the message names the step and the last finite loss."""
+from train.run_folder import BEST, CONFIG, LAST, METRICS, RunFolderError, writing
+from train.stream import ShardStream, open_shards, seed_for
 
 
 class Schedule:
@@ -125,29 +77,6 @@ class Schedule:
         self.reductions, self.best, self.bad = state["reductions"], state["best"], state["bad"]
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended (rank 0 only; a no-op elsewhere)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with _writing(self.path.parent), open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def rewind(self, global_step: int, epochs_done: int) -> None:
-        """Forget what a killed run logged after its checkpoint (global_step, epochs_done), so the
-        resumed run's records follow on without duplicates; a torn last line goes too (`read_metrics`)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        kept = [record for record in read_metrics(self.path, {"train_step": ("global_step",), "epoch": ("epoch",)})
-                if not (record["kind"] == "train_step" and record["global_step"] > global_step)
-                and not (record["kind"] == "epoch" and record["epoch"] > epochs_done)]
-        with atomic_write(self.path, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in kept)
-
-
 def train(config: TrainConfig) -> dict:
     """Train (or resume, when config.resume is set) as configured; returns the last epoch record."""
     device = dist.resolve_device(config.device)
@@ -168,7 +97,7 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
     shards = open_shards(config.shards)
     train_split, val_split = shards.split("train"), shards.split("validation")
     classes = [c.to_json() for c in shards.classes]
-    stats = PixelStats.from_json(shards.stats, device, source=join(config.shards, STATS_NAME))
+    stats = StatsTensors.of(shards.stats, device)
     global_batch = config.batch_size * world.world_size
     steps_per_epoch = config.steps_per_epoch or train_split.num_samples // global_batch
     if steps_per_epoch == 0:
@@ -199,10 +128,10 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
         at = _resume(config, world, device, classes, raw_model, optimizer, schedule, steps_per_epoch)
 
     def start() -> None:
-        with _writing(out):
+        with writing(out):
             # A run killed between saving last.pt and linking best.pt left best.pt behind it.
             if config.resume and at.step == 0 and at.best_epoch == at.epoch and checkpoint.make_best(config.resume):
-                tqdm.write(f"{out / checkpoint.BEST}: made the checkpoint of epoch {at.epoch} again (its best; a run stopped "
+                tqdm.write(f"{out / BEST}: made the checkpoint of epoch {at.epoch} again (its best; a run stopped "
                            "before linking it)")
             write_json(out / CONFIG, config.to_dict())
             metrics.rewind(at.global_step, at.epoch)
@@ -217,19 +146,20 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
     if world.distributed:
         model = DistributedDataParallel(model, device_ids=[world.local_rank] if device.type == "cuda" else None)
 
-    def save(name: str, epoch: int, step: int) -> None:
-        """last.pt (or `name`) for continuing after step `step` of epoch `epoch` (0-based); rank 0 only."""
+    def save(epoch: int, step: int) -> None:
+        """last.pt, for continuing after step `step` of epoch `epoch` (0-based); rank 0 only."""
         if not world.is_main:
             return
         if not all(p.isfinite().all() for p in raw_model.parameters()):  # one pass over the weights, beside a 450 MB write
-            raise NonFiniteLoss(f"the weights are not finite after step {at.global_step}; {out / checkpoint.LAST} keeps the last good ones")
-        with _writing(out):
+            raise NonFiniteLoss(f"the weights are not finite after step {at.global_step}; {out / LAST} keeps the last good ones")
+        with writing(out):
             checkpoint.save({
                 "format": checkpoint.FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "epoch": epoch, "step": step, "global_step": at.global_step,
-                "world_size": world.world_size, "best_top1_err": at.best, "best_epoch": at.best_epoch, "epoch_totals": at.totals.to_list(),
-                "config": config.to_dict(), "classes": classes, "stats": shards.stats, "inputs": at.scaling,
-            }, out / name)
+                "world_size": world.world_size, "best_top1_err": at.best, "best_epoch": at.best_epoch,
+                "epoch_totals": at.totals.to_json(), "config": config.to_dict(), "classes": classes,
+                "stats": shards.stats.to_json(), "inputs": at.scaling,
+            }, out / LAST)
 
     # ---- the epochs
     aug_gen = torch.Generator(device)
@@ -241,8 +171,8 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
         stream = ShardStream(train_split, config.batch_size, train=True, seed=config.seed, epoch=epoch, steps=steps_per_epoch,
                              start=at.step, rank=world.rank, world_size=world.world_size,
                              shuffle_buffer=config.shuffle_buffer)
-        loader = DeviceLoader(make_loader(stream, config.workers, device, decode=config.decode), device, config.gpu_decoder)
-        interval = Interval(device, at.global_step)
+        loader = DeviceLoader(stream, device, workers=config.workers, decode=config.decode, gpu_decoder=config.gpu_decoder)
+        interval = Interval(device, at.global_step, at.last_finite)
         with tqdm(total=steps_per_epoch, initial=at.step, desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not world.is_main, dynamic_ncols=True) as bar:
             for step, (images, labels) in enumerate(loader, start=at.step):
@@ -259,12 +189,13 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
 
                 save_now = config.save_every and at.global_step % config.save_every == 0 and step + 1 < steps_per_epoch
                 if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch or save_now:
-                    numbers = interval.close(loader, at)  # syncs with the device and all ranks; raises NonFiniteLoss
-                    at.totals.add(numbers)
-                    _log_interval(metrics, bar, numbers, epoch, step, at.global_step, lr)
-                    interval = Interval(device, at.global_step)
+                    sums = interval.close(loader.reset_wait())  # syncs with the device and all ranks; raises NonFiniteLoss
+                    at.totals.add(sums)
+                    at.last_finite = interval.last_finite
+                    _log_interval(metrics, bar, sums.step_record(epoch, step, at.global_step, lr))
+                    interval = Interval(device, at.global_step, at.last_finite)
                     if save_now:
-                        save(checkpoint.LAST, epoch, step + 1)
+                        save(epoch, step + 1)
 
         # ---- end of epoch: evaluate, adapt the schedule, log, save
         record = at.totals.record(epoch, at.global_step, lr)
@@ -285,42 +216,11 @@ def _train(config: TrainConfig, world: dist.World, device: torch.device, held: c
         if world.is_main:
             tqdm.write(summary_line(record))
         at.step, at.totals = 0, EpochTotals()
-        save(checkpoint.LAST, epoch + 1, 0)
+        save(epoch + 1, 0)
         if is_best and world.is_main:
-            with _writing(out):
-                checkpoint.link(out / checkpoint.LAST, out / checkpoint.BEST)
+            with writing(out):
+                checkpoint.link(out / LAST, out / BEST)
     return record
-
-
-@dataclass
-class EpochTotals:
-    """The epoch's training sums so far, over all ranks; a checkpoint keeps them (`epoch_totals`, a
-    list in this field order) so that the epoch's record is whole after a mid-epoch resume."""
-
-    loss_sum: float = 0.0  # cross-entropy summed over samples
-    top1: float = 0.0  # samples whose label was the best score
-    top5: float = 0.0  # samples whose label was among the 5 best
-    samples: float = 0.0
-    seconds: float = 0.0  # in training steps, summed over log intervals
-    wait: float = 0.0  # of those, waiting for data
-
-    def add(self, other: "EpochTotals") -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def to_list(self) -> list[float]:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
-
-    @classmethod
-    def from_list(cls, values: list[float]) -> "EpochTotals":
-        return cls(*values)
-
-    def record(self, epoch: int, global_step: int, lr: float) -> dict:
-        """The epoch's "epoch" record in metrics.jsonl; errors are fractions (0..1), times seconds."""
-        n, s = self.samples, self.seconds
-        return {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step, "train_loss": self.loss_sum / n,
-                "train_top1_err": 1 - self.top1 / n, "train_top5_err": 1 - self.top5 / n, "lr": lr,
-                "images_per_s": n / s, "data_wait": self.wait / s, "epoch_time": s}
 
 
 @dataclass
@@ -334,56 +234,16 @@ class Position:
     step: int = 0
     global_step: int = 0
     best: float | None = None
-    best_epoch: int | None = None  # 1-based; None also in checkpoints from before it was recorded
+    best_epoch: int | None = None  # 1-based; None also in format-1 checkpoints that did not record it
     totals: EpochTotals = dataclasses.field(default_factory=EpochTotals)
     last_finite: tuple[int, float] | None = None  # (global step, loss) of the last step with a finite loss
 
 
-class Interval:
-    """One log interval's training numbers, kept on the device until `close` (no sync per step)."""
-
-    def __init__(self, device: torch.device, global_step: int):
-        self.first_step = global_step + 1  # the global step number of the interval's first step
-        self.losses: list[torch.Tensor] = []  # per step, 0-d on the device: this rank's mean loss
-        self.hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5 hits
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.samples, self.started = 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.losses.append(loss)
-        self.loss_sum += loss.double() * len(labels)
-        self.hits += topk_correct(logits, labels)
-        self.samples += len(labels)
-
-    def close(self, loader: DeviceLoader, at: Position) -> EpochTotals:
-        """The interval's sums over all ranks (one collective, one sync with the device). A loss that
-        is not finite on any rank raises NonFiniteLoss, naming this rank's first such step."""
-        packed = torch.cat([self.loss_sum[None], self.hits, torch.tensor([self.samples], dtype=torch.float64, device=self.hits.device)])
-        loss_sum, top1, top5, n = dist.sum_all(packed).tolist()
-        losses = torch.stack(self.losses).tolist()
-        for i, value in enumerate(losses):
-            if not math.isfinite(value):
-                raise NonFiniteLoss(_non_finite_message(self.first_step + i, value, at.last_finite))
-            at.last_finite = (self.first_step + i, value)
-        if not math.isfinite(loss_sum):  # another rank's
-            raise NonFiniteLoss(_non_finite_message(self.first_step, loss_sum, at.last_finite, other_rank=True))
-        seconds, wait = time.perf_counter() - self.started, loader.reset_wait()
-        return EpochTotals(loss_sum, top1, top5, n, seconds, wait)
-
-
-def _non_finite_message(step: int, value: float, last: tuple[int, float] | None, other_rank: bool = False) -> str:
-    where = f"a rank's loss is {value} in the steps from {step}" if other_rank else f"the loss is {value} at step {step}"
-    before = f"the last finite loss was {last[1]:.4g} at step {last[0]}" if last else "no step had a finite loss"
-    return f"stopped: {where}; {before}; {checkpoint.LAST} keeps the last checkpoint saved before it (try a lower --lr)"
-
-
-def _log_interval(metrics: MetricsLog, bar: tqdm, n: EpochTotals, epoch: int, step: int, global_step: int, lr: float) -> None:
+def _log_interval(metrics: MetricsLog, bar: tqdm, record: dict) -> None:
     """The interval's train_step record in metrics.jsonl and on the progress bar."""
-    loss, speed = n.loss_sum / n.samples, n.samples / n.seconds
-    metrics.write({"kind": "train_step", "epoch": epoch + 1, "step": step + 1, "global_step": global_step,
-                   "images": int(n.samples), "loss": loss, "top1_err": 1 - n.top1 / n.samples, "top5_err": 1 - n.top5 / n.samples,
-                   "lr": lr, "images_per_s": speed, "data_wait": n.wait / n.seconds})
-    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}", wait=f"{n.wait / n.seconds:.0%}")
+    metrics.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.0f}",
+                    wait=f"{record['data_wait']:.0%}")
 
 
 def _resolve(config: TrainConfig, world: dist.World, device: torch.device) -> tuple[TrainConfig, torch.device]:
@@ -402,36 +262,17 @@ def _resolve(config: TrainConfig, world: dist.World, device: torch.device) -> tu
     return config.replace(device=device.type, workers=workers), device
 
 
-def lock_run_folder(out: Path) -> int:
-    """Make the run folder `out` if need be and lock it: an exclusive POSIX lock on OUT/.lock, which
-    is this process's alone (the loader's forked workers do not inherit it) and ends with it, killed
-    or not. Returns the lock file's descriptor (closing it releases the lock). RunFolderError when
-    another process holds it."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            raise RunFolderError(f"{out}: another alextrain is writing this run folder (it holds {out / LOCK}); "
-                                 "wait for it to end, or use another --out") from None
-        raise
-    return fd
-
-
 def _claim_run_folder(out: Path, config: TrainConfig, metrics: MetricsLog) -> int:
-    """Lock the run folder (`lock_run_folder`; returns the lock's descriptor) and make it ready: a new
+    """Lock the run folder (`run_folder.lock`; returns the lock's descriptor) and make it ready: a new
     run is refused where a run has a checkpoint, what a killed save left goes (our own temporary
     checkpoint names), and a new run in a folder with metrics but no checkpoint replaces a run killed
     before its first save (there was nothing to continue)."""
-    with _writing(out):
-        lock = lock_run_folder(out)
+    lock = run_folder.lock(out)
     try:
-        if (out / checkpoint.LAST).exists() and not config.resume:
-            raise RunFolderError(f"{out} already holds a run ({checkpoint.LAST}); continue it with --resume {out}, or pick another --out")
-        with _writing(out):
-            checkpoint.remove_stale_temps(out)
+        if (out / LAST).exists() and not config.resume:
+            raise RunFolderError(f"{out} already holds a run ({LAST}); continue it with --resume {out}, or pick another --out")
+        with writing(out):
+            run_folder.remove_stale_temps(out)
             if not config.resume and metrics.path.exists():
                 tqdm.write(f"{out}: its run stopped before its first checkpoint; starting it over")
                 metrics.path.unlink()
@@ -453,25 +294,14 @@ def _resume(config: TrainConfig, world: dist.World, device: torch.device, classe
     if world.is_main and (state["world_size"], state["config"]["workers"]) != (world.world_size, config.workers):
         tqdm.write(f"warning: resuming with {world.world_size} ranks x {config.workers} workers, the checkpoint had "
                    f"{state['world_size']} x {state['config']['workers']}: the rest of this epoch's data order differs")
-    return Position(scaling=checkpoint.input_scaling(state), epoch=state["epoch"],
+    return Position(scaling=state["inputs"], epoch=state["epoch"],
                     step=min(state["step"], steps_per_epoch),  # in case --steps-per-epoch changed
-                    global_step=state["global_step"], best=state["best_top1_err"], best_epoch=state.get("best_epoch"),
-                    totals=EpochTotals.from_list(state["epoch_totals"]))
-
-
-@contextlib.contextmanager
-def _writing(out: Path):
-    """Turn a failed write into the run folder (full disk, read-only folder, a file in the way) into
-    one line."""
-    try:
-        yield
-    except OSError as e:
-        name = e.filename or out
-        raise RunFolderError(f"{name}: cannot write ({e.strerror or e})") from None
+                    global_step=state["global_step"], best=state["best_top1_err"], best_epoch=state["best_epoch"],
+                    totals=EpochTotals.from_json(state["epoch_totals"]))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               stats: PixelStats, *, scaling: str, crop_size: int, lighting_std: float, generator: torch.Generator,
+               stats: StatsTensors, *, scaling: str, crop_size: int, lighting_std: float, generator: torch.Generator,
                seeds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on uint8 (B, 3, 256, 256) images and int64 (B,) labels, both on the device:
     augment (seeded by seeds[0]) into the model's input `scaling`, forward (dropout seeded by
@@ -489,11 +319,3 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     loss.backward()
     optimizer.step()
     return loss.detach(), logits.detach()
-
-
-def summary_line(record: dict) -> str:
-    line = (f"epoch {record['epoch']}: train loss {record['train_loss']:.3f}, top-1 error {record['train_top1_err']:.1%}; "
-            f"{record['images_per_s']:.0f} images/s, data wait {record['data_wait']:.0%}")
-    if "val_top1_err" in record:
-        line += f"; validation top-1 / top-5 error {record['val_top1_err']:.1%} / {record['val_top5_err']:.1%}"
-    return line

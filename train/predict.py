@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.image import SkipImage, process
-from train.augment import PixelStats, eval_views
+from train.augment import StatsTensors, eval_views
 from train.dist import resolve_device
 from train.evaluate import autocast
 from train.loader import decode_batch
@@ -45,7 +45,7 @@ def load_image(path: str | Path) -> torch.Tensor:
 def predict_images(
     model: nn.Module,
     paths: list[str | Path],
-    stats: PixelStats,
+    stats: StatsTensors,
     classes: list[str],
     device: torch.device,
     *,

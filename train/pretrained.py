@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prep.contract import ContractError
+from prep.contract import IMAGE_SIZE, ContractError, PixelStats, class_table
+from prep.text import first_line
 from train import checkpoint
-from train.augment import INPUT_SCALINGS, PixelStats, eval_views
+from train.augment import INPUT_SCALINGS, StatsTensors, eval_views
 from train.model import ARCHS, build_model
 
 MODEL_FORMAT = "alexnet-shards model"  # config.json's "format": the mark of an exported model
@@ -41,7 +42,7 @@ class Pretrained:
 
     model: nn.Module  # eval mode, on `device`
     classes: list[dict]  # [{"index", "wnid", "name"}], index = the model's output position
-    stats: PixelStats  # the training split's pixel statistics, on `device`
+    stats: StatsTensors  # the training split's pixel statistics, on `device`
     scaling: str  # train/augment.py: INPUT_SCALINGS
     crop_size: int  # side of the centre crop (and of the ten crops) it is evaluated on, in pixels
     epoch: int  # epochs of training behind these weights
@@ -97,8 +98,8 @@ def from_checkpoint(path: str | Path, device: torch.device, for_eval: bool = Fal
     if for_eval:
         location = shards or checkpoint.trusted_shards(checkpoint.resolve(path), location)
     model = checkpoint.model_from(state, path, device)
-    stats = PixelStats.from_json(state["stats"], device, source=f"{path}: stats")
-    return Pretrained(model, state["classes"], stats, checkpoint.input_scaling(state), state["config"]["crop_size"],
+    stats = StatsTensors.of(PixelStats.from_json(state["stats"], f"{path}: stats"), device)
+    return Pretrained(model, state["classes"], stats, state["inputs"], state["config"]["crop_size"],
                       state["epoch"], location, {"checkpoint": str(path)}, device)
 
 
@@ -112,10 +113,11 @@ def load_pretrained(name: str | Path, *, revision: str | None = None, device: st
     if folder.is_dir():
         if revision is not None:
             raise ModelError(f"{name}: a local folder has no revisions; --revision is for Hub repos")
-        config_path, weights_path, where = folder / CONFIG_NAME, folder / WEIGHTS_NAME, str(folder)
-        for path in (config_path, weights_path):
+        weights_path, where = folder / WEIGHTS_NAME, str(folder)
+        for path in (folder / CONFIG_NAME, weights_path):
             if not path.is_file():
                 raise ModelError(f"{where}: no {path.name} here; is it a folder written by `alextrain export`?")
+        config, stats = read_config(folder / CONFIG_NAME, where)
     elif _REPO_ID.fullmatch(str(name)):
         from train import hub
 
@@ -126,21 +128,20 @@ def load_pretrained(name: str | Path, *, revision: str | None = None, device: st
                 pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
                 held = f" (it holds {', '.join(pickles)}: pickled weights are never loaded, only {WEIGHTS_NAME})" if pickles else ""
                 raise ModelError(f"{where}: no {needed} in this repo{held}")
-        config_path = hub.download(str(name), CONFIG_NAME, commit)
-        read_config(config_path, where)  # an unknown arch is refused before the weights are downloaded
+        # An unknown arch (or any config that does not fit) is refused before the weights are downloaded.
+        config, stats = read_config(hub.download(str(name), CONFIG_NAME, commit), where)
         weights_path = hub.download(str(name), WEIGHTS_NAME, commit)
     else:
         raise ModelError(f"{name}: no such model folder, and not a Hub repo id USER/NAME")
-    config = read_config(config_path, where)
     model = load_weights(config, weights_path, where).to(device).eval()
-    stats = PixelStats.from_json(config["inputs"], device, source=f"{where}: {CONFIG_NAME} inputs")
     origin = {"model": str(name), "revision": revision}
-    return Pretrained(model, config["classes"], stats, config["inputs"]["scaling"], config["inputs"]["crop_size"],
-                      config["checkpoint"]["epoch"], config["dataset"].get("location"), origin, device)
+    return Pretrained(model, config["classes"], StatsTensors.of(stats, device), config["inputs"]["scaling"],
+                      config["inputs"]["crop_size"], config["checkpoint"]["epoch"], config["dataset"].get("location"), origin, device)
 
 
-def read_config(path: Path, where: str) -> dict:
-    """config.json of an exported model, checked for what loading and feeding the model need."""
+def read_config(path: Path, where: str) -> tuple[dict, PixelStats]:
+    """config.json of an exported model, checked for what loading and feeding the model need (its
+    class table and pixel statistics by the shard contract's own rules), and its pixel statistics."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -151,25 +152,24 @@ def read_config(path: Path, where: str) -> dict:
         raise ModelError(f"{where}: model format version {config.get('format_version')!r}; this alextrain reads {MODEL_FORMAT_VERSION}")
     if config.get("arch") not in ARCHS:
         raise ModelError(f"{where}: unknown arch {config.get('arch')!r} in {CONFIG_NAME}; this alextrain builds {', '.join(ARCHS)}")
-    inputs, classes = config.get("inputs"), config.get("classes")
-    if not isinstance(classes, list) or not classes or not all(
-            isinstance(c, dict) and c.get("index") == i and isinstance(c.get("wnid"), str) and isinstance(c.get("name"), str)
-            for i, c in enumerate(classes)):
-        raise ModelError(f"{where}: {CONFIG_NAME} lacks a class table (index 0, 1, ... with a wnid and a name each)")
+    try:
+        class_table(config.get("classes"), where)
+    except ContractError:
+        raise ModelError(f"{where}: {CONFIG_NAME} lacks a class table (index 0, 1, ... with a wnid and a name each)") from None
+    inputs = config.get("inputs")
     if not isinstance(inputs, dict) or inputs.get("scaling") not in INPUT_SCALINGS:
         raise ModelError(f"{where}: {CONFIG_NAME} inputs lack a scaling, one of {', '.join(INPUT_SCALINGS)}")
     crop = inputs.get("crop_size")
-    if not isinstance(crop, int) or not 0 < crop <= 256:
-        raise ModelError(f"{where}: {CONFIG_NAME} inputs crop_size must be in 1..256, not {crop!r}")
+    if not isinstance(crop, int) or not 0 < crop <= IMAGE_SIZE:
+        raise ModelError(f"{where}: {CONFIG_NAME} inputs crop_size must be in 1..{IMAGE_SIZE}, not {crop!r}")
     if not isinstance(config.get("checkpoint"), dict) or not isinstance(config["checkpoint"].get("epoch"), int):
         raise ModelError(f"{where}: {CONFIG_NAME} lacks the checkpoint's epoch")
     if not isinstance(config.get("dataset"), dict):
         raise ModelError(f"{where}: {CONFIG_NAME} lacks its dataset record")
     try:
-        PixelStats.from_json(inputs, source=f"{where}: {CONFIG_NAME} inputs")
+        return config, PixelStats.from_json(inputs, f"{where}: {CONFIG_NAME} inputs")
     except ContractError as e:
         raise ModelError(str(e)) from None
-    return config
 
 
 def load_weights(config: dict, path: Path, where: str) -> nn.Module:
@@ -195,7 +195,7 @@ def load_weights(config: dict, path: Path, where: str) -> nn.Module:
                                  f"the model's is {list(shape)}")
         weights = load_file(path)
     except (SafetensorError, OSError) as e:
-        raise ModelError(f"{where}: {WEIGHTS_NAME} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{where}: {WEIGHTS_NAME} is not a readable safetensors file ({first_line(e)})") from None
     model.load_state_dict(weights)  # names and shapes were checked: this only copies (and casts) values
     return model
 

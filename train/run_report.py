@@ -1,41 +1,22 @@
-"""Pictures for people: `alextrain predict --sheet` and `alextrain report`.
-
-`predict_sheet` draws one cell per picture, laid out like figure 4 of the AlexNet paper: the picture as
-the model saw it (the prepared 256 x 256 crop) under its file name, and a bar per top-k class with its
-probability. `render_report` draws a run folder's metrics.jsonl (written by train/loop.py) as one page
-of six panels: loss, top-1 and top-5 error, learning rate, images/s and the share of time spent
-waiting for data, all against epochs. `run_summary` and `format_summary` give the same run in a few
-lines of text and need no matplotlib, which is an optional extra (imported only when drawing).
+"""`alextrain report`: a run folder's metrics.jsonl (train/metrics.py) as a few lines of text
+(`run_summary`, `format_summary`; no matplotlib needed) and as one page of six panels against epochs
+(`render_report`): loss, top-1 and top-5 error, learning rate, images/s and the share of time spent
+waiting for data.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-from prep.contract import IMAGE_SIZE, atomic_write
-from train.loop import CONFIG, METRICS, MetricsError, read_metrics
-from train.predict import load_image
+from prep.figures import SPLIT_COLOURS, VIZ_INSTALL, new_figure, save_png
+from train.metrics import MetricsError, read_metrics
+from train.run_folder import CONFIG, METRICS, REPORT
 
-REPORT_NAME = "report.png"
-INSTALL = "pip install 'alexnet-shards[viz]'"
-SHEET_HINT = f"--sheet needs matplotlib: {INSTALL}"
-REPORT_HINT = f"the report's plots need matplotlib: {INSTALL} (or --no-plot for the text summary alone)"
-
-PLOT_DPI = 100
-# Prediction sheet, in pixels: a title band, then one cell per picture, at most SHEET_MAX_COLS in a
-# row. A cell, top to bottom: the file name, the 256 x 256 picture, a gap, one bar per class, a margin.
-SHEET_TITLE_H = 50
-SHEET_CELL_W, SHEET_NAME_H, SHEET_GAP, SHEET_BAR_H, SHEET_MARGIN = 320, 34, 8, 26, 12
-SHEET_CELL_H0 = SHEET_NAME_H + IMAGE_SIZE + SHEET_GAP + SHEET_MARGIN  # cell height without its bars: 310
-SHEET_MAX_COLS = 4
-TRACK_COLOUR, TOP1_COLOUR, BAR_COLOUR = "#eeeeee", "#8fb3d9", "#c8d8ea"
-# Report: one page of 2 x 3 panels.
-REPORT_INCHES = (15.0, 9.0)  # 1500 x 900 px
-TRAIN_COLOUR, VAL_COLOUR = "#3b75af", "#e1812c"  # the colours `alexprep stats --plot` gives the two splits
-
+REPORT_HINT = f"the report's plots need matplotlib: {VIZ_INSTALL} (or --no-plot for the text summary alone)"
+REPORT_INCHES = (15.0, 9.0)  # 1500 x 900 px: one page of 2 x 3 panels
+TRAIN_COLOUR, VAL_COLOUR = SPLIT_COLOURS["train"], SPLIT_COLOURS["validation"]  # as `alexprep stats --plot` draws the splits
 
 # The records the report reads, and the fields it reads from each (validation numbers are optional).
 REPORT_FIELDS = {
@@ -49,117 +30,10 @@ class ReportError(Exception):
     """A run folder without readable metrics; the message names the file and why."""
 
 
-def _figure(hint: str, inches: tuple[float, float]):
-    """A matplotlib Figure drawn with Agg whatever pyplot's backend; ImportError(hint) without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError(hint) from e
-    fig = Figure(figsize=inches, dpi=PLOT_DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, out: str | os.PathLike) -> None:
-    """Write the figure as a PNG through a temporary name, creating the folder if need be."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=PLOT_DPI, pil_kwargs={"compress_level": 1})  # zlib level 6: several times slower
-
-
-def _fit(text: str, width: int) -> str:
-    """`text` cut to at most `width` characters, the cut marked with an ellipsis."""
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _fit_middle(text: str, width: int) -> str:
-    """`text` cut in the middle to at most `width` characters, so a file name keeps its end."""
-    if len(text) <= width:
-        return text
-    head = (width - 1) // 2
-    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
-
-
-def _short_name(name: str) -> str:
-    """ImageNet names list synonyms ('tench, Tinca tinca'); the first one is enough on a picture."""
-    return name.split(",", 1)[0].strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# predict --sheet
-
-
-def sheet_grid(n: int) -> tuple[int, int]:
-    """(rows, columns) of the sheet for n pictures: at most SHEET_MAX_COLS columns, rows as full as
-    they can be (5 pictures: 2 rows of 3, not 4 + 1)."""
-    rows = max(1, math.ceil(n / SHEET_MAX_COLS))
-    return rows, max(1, math.ceil(n / rows))
-
-
-def sheet_size(n: int, k: int) -> tuple[int, int]:
-    """(width, height) in pixels of the sheet for n pictures with k classes each."""
-    rows, cols = sheet_grid(n)
-    return cols * SHEET_CELL_W, SHEET_TITLE_H + rows * (SHEET_CELL_H0 + SHEET_BAR_H * k)
-
-
-def predict_sheet(
-    results: list[list[tuple[str, float]]],
-    paths: list[str | os.PathLike],
-    out: str | os.PathLike,
-    title: str | None = None,
-) -> None:
-    """Draw each picture of `paths` with a bar chart of its predictions to the PNG `out`.
-
-    `results[i]` is picture i's classes as (name, probability), most probable first, as
-    `train.predict.predict_images` returns them. Each picture is shown as the model gets it (RGB,
-    shorter side 256, central 256 x 256 crop), one image pixel per PNG pixel. The PNG is
-    `sheet_size(len(paths), k)` pixels, written through `atomic_write`. Raises ImportError(SHEET_HINT)
-    without matplotlib, train.predict.ImageError for a picture that cannot be read.
-    """
-    if len(results) != len(paths) or not paths:
-        raise ValueError(f"{len(results)} predictions for {len(paths)} pictures")
-    k = max(len(top) for top in results)
-    rows, cols = sheet_grid(len(paths))
-    page_w, page_h = sheet_size(len(paths), k)
-    cell_h = SHEET_CELL_H0 + SHEET_BAR_H * k
-    fig = _figure(SHEET_HINT, (page_w / PLOT_DPI, page_h / PLOT_DPI))
-    title = _fit_middle(title or f"top-{k} predictions", page_w // 10)  # 12 pt: at most about 10 px a character
-    fig.text(0.5, 1 - SHEET_TITLE_H / 2 / page_h, title, ha="center", va="center", fontsize=12)
-
-    def axes(left: int, top: int, width: int, height: int):
-        """Axes `width` x `height` px whose top left corner is (left, top) px from the page's top left."""
-        return fig.add_axes((left / page_w, 1 - (top + height) / page_h, width / page_w, height / page_h))
-
-    for i, (path, top) in enumerate(zip(paths, results)):
-        x0, y0 = (i % cols) * SHEET_CELL_W, SHEET_TITLE_H + (i // cols) * cell_h  # the cell's top left, px
-        picture = axes(x0 + (SHEET_CELL_W - IMAGE_SIZE) // 2, y0 + SHEET_NAME_H, IMAGE_SIZE, IMAGE_SIZE)
-        picture.imshow(load_image(path).permute(1, 2, 0).numpy(), interpolation="nearest")  # (256, 256, 3) uint8
-        picture.set_axis_off()
-        picture.set_title(_fit_middle(Path(path).name, 38), fontsize=10, pad=6)
-
-        # One bar per class over a grey track of the whole 0..100 % range, most probable at the top;
-        # the name is written on the bar, the percentage at the right end of the track.
-        bars = axes(x0 + SHEET_MARGIN, y0 + SHEET_NAME_H + IMAGE_SIZE + SHEET_GAP, SHEET_CELL_W - 2 * SHEET_MARGIN, SHEET_BAR_H * k)
-        probs = [p for _, p in top] + [0.0] * (k - len(top))
-        bars.barh(range(k), [1.0] * k, height=0.8, color=TRACK_COLOUR)
-        bars.barh(range(k), probs, height=0.8, color=[TOP1_COLOUR] + [BAR_COLOUR] * (k - 1))
-        for slot, (name, p) in enumerate(top):
-            weight = "bold" if slot == 0 else "normal"
-            bars.text(0.015, slot, _fit(_short_name(name), 34), va="center", ha="left", fontsize=9, fontweight=weight)
-            bars.text(0.985, slot, f"{p:.1%}", va="center", ha="right", fontsize=9, fontweight=weight)
-        bars.set_xlim(0, 1)
-        bars.set_ylim(k - 0.5, -0.5)  # slot 0 at the top
-        bars.set_axis_off()
-    _save(fig, out)
-
-
-# ---------------------------------------------------------------------------------------------
-# report: reading the run
 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[list[dict], dict]:
-    """The records of RUN_DIR/metrics.jsonl in order (`train.loop.read_metrics`), and RUN_DIR/config.json ({}
+    """The records of RUN_DIR/metrics.jsonl in order (`train.metrics.read_metrics`), and RUN_DIR/config.json ({}
     where missing). A missing file, a file without training steps, or an unreadable config.json
     raises ReportError."""
     run_dir = Path(run_dir)
@@ -330,15 +204,15 @@ def _plot_error(ax, epochs: list[dict], k: int, best: dict | None, last_x: float
 
 
 def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
-    """Plot the run in RUN_DIR to `out` (default RUN_DIR/report.png, REPORT_INCHES x PLOT_DPI =
+    """Plot the run in RUN_DIR to `out` (default RUN_DIR/report.png, REPORT_INCHES at 100 dpi =
     1500 x 900 px, written through `atomic_write`) and return its `summarize` dict with "plot" = the
     PNG's path. Panels, all against epochs: loss (each log interval and each epoch, train and
     validation), top-1 and top-5 error per epoch, learning rate, images/s and data-wait share.
     Raises ReportError for a folder without metrics, ImportError(REPORT_HINT) without matplotlib."""
     records, config = read_run(run_dir)
     summary = summarize(records, config, run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
-    fig = _figure(REPORT_HINT, REPORT_INCHES)
+    out = Path(out) if out is not None else Path(run_dir) / REPORT
+    fig = new_figure(REPORT_HINT, REPORT_INCHES)
 
     steps, epochs = _kind(records, "train_step"), _kind(records, "epoch")
     xs, ex = _step_positions(records), [r["epoch"] for r in epochs]
@@ -392,5 +266,5 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     wait.set_ylim(0, min(100, max(10, 1.15 * max(100 * r["data_wait"] for r in steps))))
     _style(wait, f"waiting for data (mean {summary['data_wait']:.1%} of step time)", "share of step time (%)", last_x)
 
-    _save(fig, out)
+    save_png(fig, out)
     return {**summary, "plot": str(out)}

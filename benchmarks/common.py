@@ -1,0 +1,136 @@
+"""What the benchmarks share: the machine a number belongs to, a device sync, and the photo-like test
+pictures (written once, built into shards with alexprep, streamed through torch's DataLoader for
+comparison).
+
+numpy, PIL and the project's modules are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+ROOT = Path(__file__).resolve().parents[1]
+# Sizes of typical ImageNet training photos (width, height); the mean ImageNet image is about 400 x 350.
+PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (400, 300), (333, 500), (500, 400))
+QUICK_SIZES = ((200, 150), (150, 200))
+PHOTO_QUALITY = 90  # JPEG quality of the test photos, as ImageNet's are about
+
+
+def _first_value(path: str, prefix: str) -> str | None:
+    """The value after ':' of the first line of `path` that starts with `prefix` (/proc files)."""
+    try:
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(prefix)), None)
+    except OSError:
+        return None
+
+
+def _command(cmd: list[str]) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def machine() -> dict:
+    """The machine and software the numbers belong to, and how busy it was (no CUDA context is made)."""
+    import PIL.features
+    import torchvision
+
+    from prep.image import pillow_flavour
+
+    mem = _first_value("/proc/meminfo", "MemTotal")
+    status = _command(["git", "status", "--porcelain"])
+    return {
+        "cpu": _first_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(int(mem.split()[0]) / 2**20, 1) if mem else None,
+        "gpu": _command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": pillow_flavour(),
+        "libjpeg_turbo": PIL.features.version("libjpeg_turbo"),
+        "git_commit": _command(["git", "rev-parse", "HEAD"]),
+        "git_dirty": bool(status) if status is not None else None,
+        "load_average": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): before reading a clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_photo(task: tuple[Path, tuple[int, int], object]) -> None:
+    """Write one photo-like JPEG: (path, (width, height), the seed of its numpy generator)."""
+    import numpy as np
+    from PIL import Image
+
+    from prep.synthetic import photo
+
+    path, (w, h), seed = task
+    Image.fromarray(photo(np.random.default_rng(seed), w, h)).save(path, format="JPEG", quality=PHOTO_QUALITY)
+
+
+def write_photos(tasks: list[tuple[Path, tuple[int, int], object]], workers: int) -> None:
+    """`write_photo` for each task, in `workers` processes."""
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(write_photo, tasks, chunksize=8)
+    else:
+        for task in tasks:
+            write_photo(task)
+
+
+def write_photo_tree(root: Path, n: int, classes: int, *, seed: int = 0, workers: int = 1,
+                     sizes: tuple[tuple[int, int], ...] = PHOTO_SIZES) -> list[Path]:
+    """Write n photo-like JPEGs as root/train/cNNN/NNNNNN.jpg (class i % classes, size drawn from
+    `sizes`), deterministic for `seed`, with `workers` processes; return their paths, sorted."""
+    import numpy as np
+
+    picks = np.random.default_rng(seed).integers(len(sizes), size=n)
+    tasks = []
+    for i in range(n):
+        folder = root / "train" / f"c{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tasks.append((folder / f"{i:06d}.jpg", sizes[picks[i]], [seed, i]))
+    write_photos(tasks, workers)
+    return sorted(path for path, *_ in tasks)
+
+
+def build_photo_shards(root: Path, out: Path, shard_size: int, workers: int):
+    """Build root's train/ tree into shards under `out` with alexprep; return the train split's shards."""
+    from prep.build import build_shards
+    from train.stream import open_shards
+
+    build_shards(out, source=str(root), splits=("train",), shard_size=shard_size, workers=workers)
+    return open_shards(str(out), splits=("train",)).split("train")
+
+
+class StreamDataset(IterableDataset):
+    """A ShardStream as a torch IterableDataset decoded in DataLoader's workers: the transport alextrain
+    used before train/loader.py's slots, measured beside them. Batches come as (images, labels)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        from train.loader import decode_batch, reader_of
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader, too, takes batches from its workers in turn, worker 0 first.
+        for batch in self.stream.batches(reader_of(worker, workers, self.stream), workers):
+            yield tuple(decode_batch(batch))
