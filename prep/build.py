@@ -827,8 +827,11 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
                 sums.add(PixelSums.from_json(record["sums"]))
             if sums.num_pixels:
                 _write_json(out, STATS_NAME, sums.stats(stats_every))
+        # What decides the bytes (options, Pillow build, inputs), as .build/options.json has it: a rerun of
+        # the same command on the finished folder can tell it is the same build.
         info = {"name": source.name, "schema_version": SCHEMA_VERSION, "splits": summaries,
-                "classes": [c.to_json() for c in source.classes], "options": config.to_json(), "pillow": flavour}
+                "classes": [c.to_json() for c in source.classes], "options": config.to_json(), "pillow": flavour,
+                "inputs": source.digest()}
         _write_json(out, INFO_NAME, info)  # last: its presence means the folder is complete
         return info
     finally:
