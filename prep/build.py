@@ -52,6 +52,7 @@ from prep.workers import CHUNK, Chunk, Pending, Sample, Task, Workers
 DEFAULT_SHARD_SIZE = 1000  # about 30 MB of 256 px q90 JPEGs; 1,282 train shards for ImageNet-1k
 MAX_SHARD_SIZE = 100_000  # a finishing worker puts a shard in order in memory: 2-3 GB at this size
 DEFAULT_PREFETCH = 3  # parquet files on disk at once for a Hub build (the one being read + downloads)
+MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than 4 per core only add memory
 PARTIAL_DIR = "partial"  # .build/partial/{split}-NNNNNN.partial: entries of an unfinished shard, in arrival order
 SIDECAR_DIR = "sidecars"  # .build/sidecars/{split}-NNNNNN.json: a finished shard's record
 DOWNLOAD_DIR = "download"  # .build/download/: whole source files waiting to be read (prep/parquet_source.py)
@@ -525,13 +526,15 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
     The source is opened (files listed, footers read) before anything is written, so a source that
     cannot be read, or an `out` inside the folders a local source lists its inputs from, leaves no
     trace; a folder that already holds this build is left as it is. `workers` processes (default: all
-    CPUs) decode, encode and finish shards; `prefetch` parquet files of a Hub build
+    CPUs, at most MAX_WORKERS) decode, encode and finish shards; `prefetch` parquet files of a Hub build
     may be on disk at once; `keep_download` (outside `out`) receives each downloaded file instead of its
     deletion; `progress` shows a tqdm bar per split; `log` receives a few human-readable lines.
     """
     log = log or (lambda line: None)
     workers = workers or os.cpu_count() or 1
     out = Path(out)
+    if not 1 <= workers <= MAX_WORKERS:
+        raise BuildError(f"workers must be in 1..{MAX_WORKERS} (4 per core), got {workers}")
     if prefetch < 1:
         raise BuildError(f"prefetch must be >= 1, got {prefetch}")
     if keep_download is not None and out_folder.inside(Path(keep_download), out):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, BuildConfig, build
+from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, MAX_WORKERS, BuildConfig, build
 from prep.contract import SPLITS
 from prep.errors import BuildError, FetchError, SourceError
 from prep.folder_report import format_report, shard_report, stats_cmd, verify_cmd
@@ -72,8 +72,9 @@ def _run(out: Path, config: BuildConfig, workers: int, progress: bool, prefetch:
         click.echo(f"wrote {out}")
 
 
-_workers_option = click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
-                               help="Processes decoding and encoding images and finishing shards.")
+_workers_option = click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=os.cpu_count() or 1,
+                               show_default=True, help=f"Processes decoding and encoding images and finishing shards "
+                                                       f"(at most {MAX_WORKERS}: 4 per core).")
 _progress_option = click.option("--progress/--no-progress", default=True, help="Show a progress bar per split.")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from quirk_images import write_quirk_files
 
 import prep.build
 from prep import synthetic
-from prep.build import BuildConfig, build, build_shards, plan_split
+from prep.build import MAX_WORKERS, BuildConfig, build, build_shards, plan_split
 from prep.contract import FIELDS, INFO_NAME, SPLITS, STATS_NAME, imagenet_classes, read_info, shard_name
 from prep.errors import BuildError, FetchError, SourceError
 from prep.image import pillow_flavour, process
@@ -315,6 +316,12 @@ def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
     (foreign / "train-000000.tar").write_bytes(b"")
     with pytest.raises(BuildError, match="holds files that no alexprep build made here"):
         build_shards(foreign, workers=1, **SMALL)
+
+
+def test_more_workers_than_4_per_core_is_one_line_and_forks_nothing(tmp_path):
+    with pytest.raises(BuildError, match=rf"^workers must be in 1\.\.{MAX_WORKERS} \(4 per core\), got {10**20}$"):
+        build_shards(tmp_path / "out", workers=10**20, **SMALL)
+    assert not (tmp_path / "out").exists() and multiprocessing.active_children() == []
 
 
 def test_source_error_writes_nothing(tmp_path):
