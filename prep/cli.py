@@ -11,11 +11,12 @@ from pathlib import Path
 
 import click
 
-from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, BuildConfig, BuildError, build
+from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, MAX_WORKERS, BuildConfig, build
 from prep.contract import SPLITS
-from prep.fetch import FetchError
+from prep.errors import BuildError, FetchError, SourceError
 from prep.folder_report import format_report, shard_report, stats_cmd, verify_cmd
-from prep.source import HUB_ID, SYNTHETIC, SourceError
+from prep.listed_source import SYNTHETIC
+from prep.open_source import HUB_ID
 from prep.stats import MAX_EVERY, MIN_SAMPLE, sample_every
 
 DEMO_OUT = "shards/demo"
@@ -56,22 +57,24 @@ def _run(out: Path, config: BuildConfig, workers: int, progress: bool, prefetch:
          keep_download: Path | None = None) -> None:
     """Build, print the reconciliation line per split, turn expected failures into one error line."""
     try:
-        info = build(out, config, workers=workers, progress=progress, log=click.echo, prefetch=prefetch,
-                     keep_download=keep_download)
+        built = build(out, config, workers=workers, progress=progress, log=click.echo, prefetch=prefetch,
+                      keep_download=keep_download)
     except (BuildError, SourceError, FetchError) as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:  # a full disk, a file size limit, a read-only or unwritable --out
         where = f"{e.filename}: " if e.filename else ""
         raise click.ClickException(f"cannot write the build in {out}: {where}{e.strerror or e}; finished shards "
                                    f"are kept: fix that, then rerun the same command") from e
-    for split, entry in info["splits"].items():
+    for split, entry in built.info["splits"].items():
         click.echo(f"{split}: {entry['num_inputs']} inputs = {entry['num_samples']} written "
                    f"+ {len(entry['skipped'])} skipped")
-    click.echo(f"wrote {out}")
+    if built.wrote:
+        click.echo(f"wrote {out}")
 
 
-_workers_option = click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
-                               help="Processes decoding and encoding images.")
+_workers_option = click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=os.cpu_count() or 1,
+                               show_default=True, help=f"Processes decoding and encoding images and finishing shards "
+                                                       f"(at most {MAX_WORKERS}: 4 per core).")
 _progress_option = click.option("--progress/--no-progress", default=True, help="Show a progress bar per split.")
 
 

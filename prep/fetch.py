@@ -1,17 +1,17 @@
 """Parquet files of a source, local or on the Hugging Face Hub: listing, footers, whole files, row groups.
 
-Two stores with one interface: `files(split)` -> [(path, size)] in name order, `footer(path, size)`
--> pyarrow FileMetaData, `parquet(path)` -> a pyarrow ParquetFile reading row groups in
-place (local) or by exact ranged reads (Hub), and, for the Hub, `download(path, folder)` of a whole
-file. The Hub is listed through `huggingface_hub`'s HfApi and read through the client's own HTTP
-session, file URLs and headers (so redirects to a CDN and the token work as in the client; the token
-comes from its usual places, `HF_TOKEN` or `hf auth login`, and is never printed or stored). Our own
-transfer loop rather than `hf_hub_download` or `HfFileSystem`: those time out per socket read only (a
-server trickling a byte every few seconds holds them for days), sleep out whatever Retry-After a 429
-names, and check no sha256. Every transfer is one ranged GET checked against the listing (the file's
-size; a whole file also its LFS sha256 and the footer read when the source was opened), given up
-below MIN_BYTES_PER_S over RATE_WINDOW_S, and retried from where it stopped; an HTTP 429 waits at
-most RATE_LIMIT_MAX_WAIT_S and says so on stderr (the `prep.fetch` logger). Errors become
+Two stores with one interface (`Store`): `files(split)` -> [(path, size)] in name order,
+`footer(path, size)` -> pyarrow FileMetaData, `parquet(path)` -> a pyarrow ParquetFile reading row
+groups in place (local) or by exact ranged reads (Hub), `where(path)` for messages; the Hub's also
+`download(path, folder)` of a whole file. The Hub is listed through `huggingface_hub`'s HfApi and read
+through the client's own HTTP session, file URLs and headers (so redirects to a CDN and the token work
+as in the client; the token comes from its usual places, `HF_TOKEN` or `hf auth login`, and is never
+printed or stored). Our own transfer loop rather than `hf_hub_download` or `HfFileSystem`: those time
+out per socket read only (a server trickling a byte every few seconds holds them for days), sleep out
+whatever Retry-After a 429 names, and check no sha256. Every transfer is one ranged GET checked against
+the listing (the file's size; a whole file also its LFS sha256 and the footer read when the source was
+opened), given up below MIN_BYTES_PER_S over RATE_WINDOW_S, and retried from where it stopped; an HTTP
+429 waits at most RATE_LIMIT_MAX_WAIT_S and says so on stderr (the `prep.fetch` logger). Errors become
 SourceError (nothing written yet) or FetchError (mid-build), each one line naming the repo or the file.
 """
 
@@ -26,12 +26,12 @@ import re
 import struct
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prep.source import SourceError
+from prep.errors import FetchError, SourceError
 
 # Failed attempts in a row before a transfer is given up with one line; an attempt that brought at
 # least a rate window's worth of bytes (MIN_BYTES_PER_S x RATE_WINDOW_S) starts the count again.
@@ -43,10 +43,6 @@ RETRY_WAIT_S = 1.0  # seconds before the first retry, doubling up to 8x that
 _FOOTER_TAIL = 8  # a parquet file ends with the footer length (uint32 LE) and b"PAR1"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _log = logging.getLogger(__name__)  # Python's last-resort handler prints its warnings to stderr
-
-
-class FetchError(Exception):
-    """A source file that could not be fetched or read mid-build; one line naming it."""
 
 
 def _metadata_from_footer(footer: bytes, where: str) -> pq.FileMetaData:
@@ -62,10 +58,24 @@ def _first_line(e: BaseException, secret: str | None = None) -> str:
     return line.replace(secret, "***") if secret else line
 
 
+class Store(Protocol):
+    """What a parquet source asks of the place its files are: listing, footers, row groups, a name for messages."""
+
+    def files(self, split: str) -> list[tuple[str, int]]:
+        """`data/{split}-*.parquet` as (path, bytes), in name order."""
+
+    def footer(self, path: str, size: int) -> pq.FileMetaData:
+        """The file's footer (kept for `parquet`); SourceError with one line if it is not a parquet file."""
+
+    def parquet(self, path: str) -> pq.ParquetFile:
+        """The file for reading row groups, its footer reused."""
+
+    def where(self, path: str) -> str:
+        """The file as messages name it."""
+
+
 class LocalStore:
     """A folder with `data/{split}-*.parquet`, read in place."""
-
-    remote = False
 
     def __init__(self, root: Path):
         self.root = root
@@ -128,8 +138,6 @@ def row_groups(meta: pq.FileMetaData) -> tuple[int, ...]:
 
 class HubStore:
     """A Hub dataset repo at one commit: the files listed once, read by checked, paced ranged GETs."""
-
-    remote = True
 
     def __init__(self, repo_id: str, revision: str, files: list[tuple[str, int, str | None]], token: str):
         """`files`: (path, size, LFS sha256 or None) as listed."""

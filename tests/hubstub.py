@@ -1114,7 +1114,8 @@ def _jpeg(rng, label: int, num_classes: int) -> tuple[bytes, int, int]:
 
 def make_imagenet_like_repo(folder: str | Path, *, files: dict[str, int] | None = None,
                             rows_per_file: dict[str, int] | None = None, row_group_size: int = 12,
-                            num_classes: int = len(CLASS_NAMES), seed: int = 0) -> RepoSummary:
+                            num_classes: int = len(CLASS_NAMES), seed: int = 0, split_rows: dict[str, int] | None = None,
+                            class_names: list[str] | None = None, shuffled_train: bool = False) -> RepoSummary:
     """Write parquet files laid out like ILSVRC/imagenet-1k under `folder`/data and summarise them.
 
     `data/{split}-{i:05d}-of-{n:05d}.parquet`, 36 files by default (24 train, 8 validation, 4 test; see
@@ -1124,6 +1125,10 @@ def make_imagenet_like_repo(folder: str | Path, *, files: dict[str, int] | None 
     within and across files (as if built class by class), validation labels are shuffled, test labels
     are -1. Each image's pixels are its class's `label_colour`; paths look like ImageNet's
     (`n90000003_10026.JPEG`, `ILSVRC2012_val_00000001.JPEG`, `ILSVRC2012_test_00000001.JPEG`).
+    At ImageNet's shape (benchmarks/imagenet_rehearsal.py): `split_rows` gives a split's rows in all,
+    spread over its files as evenly as they go (the first files one row more), `class_names` the
+    ClassLabel names (ImageNet's 1,000 wnids; train paths then start with them), `shuffled_train` puts the
+    train rows in random class order.
     """
     import datasets
     import numpy as np
@@ -1132,9 +1137,10 @@ def make_imagenet_like_repo(folder: str | Path, *, files: dict[str, int] | None 
 
     files = {**DEFAULT_FILES, **(files or {})}
     rows_per_file = {**DEFAULT_ROWS, **(rows_per_file or {})}
-    if num_classes > len(CLASS_NAMES):
+    if class_names is None and num_classes > len(CLASS_NAMES):
         raise ValueError(f"at most {len(CLASS_NAMES)} classes, got {num_classes}")
-    names = list(CLASS_NAMES[:num_classes])
+    names = list(class_names) if class_names is not None else list(CLASS_NAMES[:num_classes])
+    num_classes = len(names)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     schema = features.arrow_schema
     rng = np.random.default_rng(seed)
@@ -1142,19 +1148,27 @@ def make_imagenet_like_repo(folder: str | Path, *, files: dict[str, int] | None 
     data.mkdir(parents=True, exist_ok=True)
     summary = []
     for split, n_files in files.items():
-        total = n_files * rows_per_file[split]
+        if split_rows is not None and split in split_rows:
+            total = split_rows[split]
+            counts = [total // n_files + (i < total % n_files) for i in range(n_files)]
+        else:
+            counts = [rows_per_file[split]] * n_files
+            total = sum(counts)
         if split == "train":
-            labels = np.sort(np.arange(total) % num_classes)  # class by class
-            ids = rng.choice(100_000, size=total, replace=False)
-            paths = [f"n{90_000_000 + int(c):08d}_{int(i)}.JPEG" for c, i in zip(labels, ids)]
+            labels = np.arange(total) % num_classes
+            labels = rng.permutation(labels) if shuffled_train else np.sort(labels)  # class by class
+            ids = rng.choice(max(100_000, 2 * total), size=total, replace=False)
+            prefixes = names if class_names is not None else [f"n{90_000_000 + c:08d}" for c in range(num_classes)]
+            paths = [f"{prefixes[int(c)]}_{int(i)}.JPEG" for c, i in zip(labels, ids)]
         elif split == "validation":
             labels = rng.permutation(np.arange(total) % num_classes)
             paths = [f"ILSVRC2012_val_{j + 1:08d}.JPEG" for j in range(total)]
         else:
             labels = np.full(total, -1)
             paths = [f"ILSVRC2012_test_{j + 1:08d}.JPEG" for j in range(total)]
+        starts = np.cumsum(counts) - counts
         for i in range(n_files):
-            sl = slice(i * rows_per_file[split], (i + 1) * rows_per_file[split])
+            sl = slice(int(starts[i]), int(starts[i]) + counts[i])
             images = [{"bytes": _jpeg(rng, int(c), num_classes)[0], "path": p}
                       for c, p in zip(labels[sl], paths[sl])]
             table = pa.table({"image": images, "label": pa.array(labels[sl], pa.int64())}, schema=schema)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,21 +14,27 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import DEMO_PER_CLASS, DEMO_SHARD_SIZE
+from hubstub import make_imagenet_like_repo
 from quirk_images import write_quirk_files
 
+import prep.build
 from prep import synthetic
-from prep.build import BUILD_DIR, BuildConfig, BuildError, build_shards, plan_split, tar_header
+from prep.build import MAX_WORKERS, BuildConfig, build, build_shards, plan_split
 from prep.contract import FIELDS, INFO_NAME, SPLITS, STATS_NAME, imagenet_classes, read_info, shard_name
+from prep.errors import BuildError, FetchError, SourceError
 from prep.image import pillow_flavour, process
-from prep.source import SourceError
+from prep.open_source import open_source
+from prep.out_folder import BUILD_DIR, build_record, claim
+from prep.tar_format import tar_header
 
 SMALL = {"per_class": {"train": 6, "validation": 3}, "shard_size": 8}  # 60 + 30 inputs, 8 + 4 shards
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (the .build bookkeeping included), by relative path."""
+    """Every file under `folder` (a build's .build bookkeeping included), by relative path."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -178,28 +184,115 @@ def test_seed_and_limit_choose_order_and_subset(tmp_path):
     assert limited["options"]["limit"] == 11 and limited == again
 
 
-def test_resume_redoes_only_unfinished_shards_and_matches(tmp_path):
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    build_shards(reference, workers=2, **SMALL)
-    shutil.copytree(reference, resumed)
-    # What a kill can leave: a shard never written, a shard renamed but without its sidecar, leftover
-    # temporary files, no _info.json or stats.json yet. Plus a tar damaged afterwards (size mismatch).
-    (resumed / "train-000003.tar").unlink()
-    (resumed / BUILD_DIR / "train-000003.json").unlink()
-    (resumed / BUILD_DIR / "validation-000001.json").unlink()
-    with open(resumed / "train-000005.tar", "r+b") as f:
+def test_a_finished_folder_holds_the_contract_alone_and_a_rerun_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    lines: list[str] = []
+    first = build(out, BuildConfig(source="synthetic", **SMALL), workers=2, log=lines.append)
+    assert first.wrote and first.info == read_info(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [INFO_NAME, STATS_NAME] + [shard_name("train", k) for k in range(8)] + [shard_name("validation", k)
+                                                                                 for k in range(4)])
+    # _info.json records what decides the bytes, so that a rerun can tell it is the same build.
+    assert first.info["inputs"] == open_source("synthetic", SPLITS, SMALL["per_class"]).digest()
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    lines.clear()
+    again = build(out, BuildConfig(source="synthetic", **SMALL), workers=2, log=lines.append)
+    assert not again.wrote and again.info == first.info
+    assert lines == [f"{out}: complete, as _info.json records this very build; nothing written "
+                     f"(`alexprep verify {out}` checks every byte)"]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+def test_an_earlier_versions_finished_folder_is_complete_and_loses_its_bookkeeping(tmp_path):
+    out = tmp_path / "out"
+    info = build_shards(out, workers=1, **SMALL)
+    # As the version before _info.json recorded the inputs left it: the record in .build/options.json.
+    (out / BUILD_DIR).mkdir()
+    (out / BUILD_DIR / "options.json").write_text(json.dumps({k: info[k] for k in ("options", "pillow", "inputs")}))
+    (out / BUILD_DIR / "train-000000.json").write_text("{}")
+    del info["inputs"]
+    (out / INFO_NAME).write_text(json.dumps(info))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert not build(out, BuildConfig(source="synthetic", **SMALL), workers=1).wrote
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # .build/ gone, nothing else touched
+
+
+@pytest.fixture
+def stoppable_repo(tmp_path) -> tuple[Path, Path, bytes]:
+    """A parquet folder of 3 train files (24 rows in row groups of 8), and its last file's path and bytes:
+    with 3 inputs per shard, 10 of the 24 shards hold rows of the first two files and the last file's
+    first row group only."""
+    root = tmp_path / "repo"
+    make_imagenet_like_repo(root, files={"train": 3, "validation": 1, "test": 0}, rows_per_file={"train": 24},
+                            row_group_size=8)
+    last = root / "data/train-00002-of-00003.parquet"
+    return root, last, last.read_bytes()
+
+
+def damage_row_group(path: Path, group: int) -> None:
+    """Overwrite the page header of row group `group`'s images (the footer stays intact)."""
+    data = bytearray(path.read_bytes())
+    column = pq.read_metadata(path).row_group(group).column(0)
+    start = min(column.data_page_offset, column.dictionary_page_offset or column.data_page_offset)
+    data[start:start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def test_a_stopped_build_resumes_redoing_only_unfinished_shards(tmp_path, stoppable_repo):
+    root, last, good = stoppable_repo
+    options = {"source": str(root), "splits": ("train",), "shard_size": 3, "workers": 2}
+    reference = tmp_path / "reference"
+    build_shards(reference, **options)
+    out = tmp_path / "out"
+    damage_row_group(last, 1)
+    with pytest.raises(FetchError, match=r"train-00002-of-00003.parquet: not a readable parquet file"):
+        build_shards(out, **options)
+    # Each shard was finished once its last row was processed, the 3 whose last rows are in the row group
+    # read before the damaged one among them.
+    finished = sorted(p.stem for p in (out / BUILD_DIR / "sidecars").glob("train-*.json"))
+    assert len(finished) == 10 and not (out / INFO_NAME).exists()
+    for name in finished:  # whatever is under a final name is complete
+        assert (out / f"{name}.tar").read_bytes() == (reference / f"{name}.tar").read_bytes()
+    # What a kill or a user can leave besides: a finished shard gone, one without its sidecar, one cut
+    # short; temporaries of a shard and of _info.json on their way (ours), and a user's file (not ours).
+    gone, unrecorded, cut, *untouched = finished
+    (out / f"{gone}.tar").unlink()
+    (out / BUILD_DIR / "sidecars" / f"{unrecorded}.json").unlink()
+    with open(out / f"{cut}.tar", "r+b") as f:
         f.truncate(1000)
-    (resumed / BUILD_DIR / "tmp" / "train-000006.tar.x1y2").write_bytes(b"partial")
-    (resumed / BUILD_DIR / "tmp" / "train-000006.json.x1y2").write_bytes(b"{")
-    (resumed / INFO_NAME).unlink()
-    (resumed / STATS_NAME).unlink()
-    untouched = {p.name: p.stat().st_mtime_ns for p in resumed.glob("*.tar")
-                 if p.name not in ("train-000005.tar", "validation-000001.tar")}
+    (out / ".tmp-train-000020.tar.x1y2z3w4").write_bytes(b"partial")
+    (out / f".tmp-{INFO_NAME}.x1y2z3w4").write_bytes(b"{")
+    (out / ".tmp-draft.txt").write_text("the user's")
+    mtimes = {name: (out / f"{name}.tar").stat().st_mtime_ns for name in untouched}
     time.sleep(0.01)  # a rewrite would show as a newer mtime
 
-    build_shards(resumed, workers=2, **SMALL)
-    assert folder_bytes(resumed) == folder_bytes(reference)
-    assert {name: (resumed / name).stat().st_mtime_ns for name in untouched} == untouched
+    last.write_bytes(good)
+    build_shards(out, **options)
+    assert (out / ".tmp-draft.txt").read_text() == "the user's"
+    (out / ".tmp-draft.txt").unlink()
+    assert folder_bytes(out) == folder_bytes(reference)
+    assert {name: (out / f"{name}.tar").stat().st_mtime_ns for name in untouched} == mtimes
+
+
+def finishing_pid(job):
+    """prep.build.finish_shard, noting the process it runs in (a module-level function: pool workers find it)."""
+    with open(job.shard.parent.parent / "finishing-pids", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return FINISH_SHARD(job)
+
+
+FINISH_SHARD = prep.build.finish_shard
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_shards_are_finished_by_the_workers(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(prep.build, "finish_shard", finishing_pid)
+    out = tmp_path / "out"
+    build_shards(out, workers=workers, **SMALL)
+    pids = (tmp_path / "finishing-pids").read_text().split()
+    assert len(pids) == 12  # 8 train + 4 validation shards
+    assert (set(pids) == {str(os.getpid())}) == (workers == 1)  # in the pool's processes, else in this one
+    assert len(read_info(out)["splits"]["train"]["filenames"]) == 8
 
 
 def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
@@ -211,11 +304,10 @@ def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
     with pytest.raises(BuildError, match=r"per_class: \{'train': 6, 'validation': 3\} -> \{'train': 6\}"):
         build_shards(out, workers=2, splits=("train",), shard_size=8, per_class={"train": 6})
     assert folder_bytes(out) == before
-    # A folder an earlier version started, before an option existed (its statistics were every image's).
-    options = out / BUILD_DIR / "options.json"
-    record = json.loads(options.read_text())
-    del record["options"]["stats_every"]
-    options.write_text(json.dumps(record))
+    # A folder an earlier version built, before an option existed (its statistics were every image's).
+    info = json.loads((out / INFO_NAME).read_text())
+    del info["options"]["stats_every"]
+    (out / INFO_NAME).write_text(json.dumps(info))
     with pytest.raises(BuildError, match=r"built differently \(stats_every: not recorded -> None\); use another"):
         build_shards(out, workers=2, **SMALL)
 
@@ -224,6 +316,12 @@ def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
     (foreign / "train-000000.tar").write_bytes(b"")
     with pytest.raises(BuildError, match="holds files that no alexprep build made here"):
         build_shards(foreign, workers=1, **SMALL)
+
+
+def test_more_workers_than_4_per_core_is_one_line_and_forks_nothing(tmp_path):
+    with pytest.raises(BuildError, match=rf"^workers must be in 1\.\.{MAX_WORKERS} \(4 per core\), got {10**20}$"):
+        build_shards(tmp_path / "out", workers=10**20, **SMALL)
+    assert not (tmp_path / "out").exists() and multiprocessing.active_children() == []
 
 
 def test_source_error_writes_nothing(tmp_path):
@@ -316,8 +414,8 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_same_bytes(tmp_path):
     assert len(tars) == 43  # 38 train + 5 validation shards
 
     for moment, ready in [("very early", lambda out: (out / BUILD_DIR / "options.json").exists()),
-                          ("after a commit", lambda out: (out / BUILD_DIR / "train.log.json").exists()),
-                          ("mid-build", lambda out: len(list((out / BUILD_DIR).glob("train-*.json"))) >= 5)]:
+                          ("after a commit", lambda out: (out / BUILD_DIR / "train.journal.json").exists()),
+                          ("mid-build", lambda out: len(list((out / BUILD_DIR / "sidecars").glob("train-*.json"))) >= 5)]:
         out = tmp_path / moment.replace(" ", "-")
         kill_when(alexprep("build-shards", "--out", str(out), *KILL_ARGS), lambda: ready(out))
         # No partial file under a final name: every shard already there is complete and final.
@@ -349,41 +447,46 @@ def test_the_build_removes_only_its_own_files(tmp_path):
     (out / ".gitkeep").write_bytes(b"")  # the repo's shards/ folder holds one: still an empty folder
     build_shards(out, workers=1, **SMALL)
     reference = folder_bytes(out)
-    # A user's files put into a finished build, and a shard damaged: the rerun redoes the shard and
-    # leaves every file it did not make alone, whatever its name.
+    assert ".gitkeep" in reference and not any(name.startswith(BUILD_DIR) for name in reference)
+    # A user's files put into a finished build, one named like a temporary of ours: the rerun finds the
+    # build complete and leaves every file alone, whatever its name.
     (out / ".tmp-draft.txt").write_text("draft")
     (out / ".tmp-cache").mkdir()
     (out / ".tmp-cache" / "x").write_text("cached")
-    (out / BUILD_DIR / "train-000002.json").unlink()
+    (out / ".tmp-train-000002.tar.abcd1234").write_text("mine")
     build_shards(out, workers=1, **SMALL)
     after = folder_bytes(out)
     assert after.pop(".tmp-draft.txt") == b"draft" and after.pop(".tmp-cache/x") == b"cached"
+    assert after.pop(".tmp-train-000002.tar.abcd1234") == b"mine"
     assert after == reference
 
 
 def test_a_second_build_of_a_held_folder_is_refused(tmp_path):
-    import fcntl
-
     out = tmp_path / "out"
-    build_shards(out, workers=1, **SMALL)
+    config = BuildConfig(source="synthetic", **SMALL)
+    record = build_record(config.to_json(), pillow_flavour(), open_source("synthetic", SPLITS, SMALL["per_class"]).digest())
+    held = claim(out, record)  # what a running build of the same command holds
     before = folder_bytes(out)
-    with open(out / BUILD_DIR / "lock", "rb") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running build holds
-        with pytest.raises(BuildError, match=rf"--out {out}: another build is writing this folder \(it holds "
-                                             r"\.build/lock\); wait for it to end, or use another --out"):
-            build_shards(out, workers=1, **SMALL)
+    with pytest.raises(BuildError, match=rf"--out {out}: another build is writing this folder \(it holds "
+                                         r"\.build/lock\); wait for it to end, or use another --out"):
+        build(out, config, workers=1)
     assert folder_bytes(out) == before
-    build_shards(out, workers=1, **SMALL)  # released: the same build goes ahead (and changes nothing)
-    assert folder_bytes(out) == before
+    held.release()
+    assert build(out, config, workers=1).wrote  # released: the same build goes ahead
 
 
 def test_a_corrupt_build_record_is_one_line(tmp_path):
-    out = tmp_path / "out"
-    build_shards(out, workers=1, **SMALL)
-    (out / BUILD_DIR / "options.json").write_text('{"options": ')
+    started = tmp_path / "started"  # a folder a build started
+    (started / BUILD_DIR).mkdir(parents=True)
+    (started / BUILD_DIR / "options.json").write_text('{"options": ')
     with pytest.raises(BuildError, match=r"options.json: unreadable build record \(JSONDecodeError\); this folder "
                                          r"cannot be resumed: use another --out"):
-        build_shards(out, workers=1, **SMALL)
-    (out / BUILD_DIR / "options.json").write_text('["not", "a", "record"]')
+        build_shards(started, workers=1, **SMALL)
+    (started / BUILD_DIR / "options.json").write_text('["not", "a", "record"]')
     with pytest.raises(BuildError, match=r"unreadable build record \(AttributeError\)"):
-        build_shards(out, workers=1, **SMALL)
+        build_shards(started, workers=1, **SMALL)
+    finished = tmp_path / "finished"  # a finished one
+    build_shards(finished, workers=1, **SMALL)
+    (finished / INFO_NAME).write_text('{"options": ')
+    with pytest.raises(BuildError, match=rf"^{finished / INFO_NAME}: unreadable build record \(JSONDecodeError\)"):
+        build_shards(finished, workers=1, **SMALL)

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from quirk_images import write_quirk_files
 
+from prep.build import MAX_WORKERS
 from prep.cli import main
 from prep.contract import INFO_NAME, STATS_NAME, read_info, read_stats
 from prep.image import pillow_flavour
@@ -122,6 +123,7 @@ def test_build_shards_reports_skipped_inputs(tmp_path):
     (["--per-class", "99999999999999999999"], "per_class must map splits among train, validation to counts in "
                                               "1..1000000, got {'train': 99999999999999999999, 'validation': "),
     (["--shard-size", "99999999999999999999"], "shard_size must be an integer in 1..100000, got 99999999999999999999"),
+    (["--workers", "99999999999999999999"], f"99999999999999999999 is not in the range 1<=x<={MAX_WORKERS}"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, args, message):
     code, output = run("build-shards", "--out", str(tmp_path / "out"), "--source", "synthetic", *args)

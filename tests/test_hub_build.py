@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from prep import fetch
-from prep.build import BUILD_DIR, DOWNLOAD_DIR, BuildConfig, BuildError, build, build_shards
+from prep.build import DOWNLOAD_DIR, BuildConfig, build, build_shards
 from prep.contract import INFO_NAME
-from prep.fetch import FetchError
-from prep.source import HUB_ID, SourceError
+from prep.errors import BuildError, FetchError, SourceError
+from prep.open_source import HUB_ID
+from prep.out_folder import BUILD_DIR
 
 ALEXPREP = str(Path(sys.executable).with_name("alexprep"))
 
@@ -40,9 +41,10 @@ def folder_bytes(folder: Path) -> dict[str, str]:
 
 
 def shards_and_stats(folder: Path) -> dict[str, str]:
-    """What must not depend on where the parquet came from: the tars, stats.json and the sidecars."""
+    """What must not depend on where the parquet came from: the tars, stats.json and (mid-build) the sidecars."""
     return {name: data for name, data in folder_bytes(folder).items()
-            if name.endswith(".tar") or name == "stats.json" or re.fullmatch(rf"{BUILD_DIR}/\w+-\d{{6}}\.json", name)}
+            if name.endswith(".tar") or name == "stats.json"
+            or re.fullmatch(rf"{BUILD_DIR}/sidecars/\w+-\d{{6}}\.json", name)}
 
 
 class DiskSampler:
@@ -103,8 +105,8 @@ def test_hub_build_equals_the_local_copy_with_bounded_disk_and_nothing_left(hub,
     # At most 3 parquet files on disk at once (the largest file of the repo is its train files').
     largest = max(f.bytes for f in summary.files)
     assert 0 < staging.peak <= 3 * largest <= 0.5 * summary.total_bytes, (staging.peak, summary.total_bytes)
-    # Nothing of the dataset is left: no staging folder, no Hub cache, no partial shards.
-    assert not (out / BUILD_DIR / DOWNLOAD_DIR).exists() and not (out / BUILD_DIR / "parts").exists()
+    # Nothing of the dataset is left: no staging folder, no Hub cache, no partial shards, no bookkeeping.
+    assert not (out / BUILD_DIR).exists()
     assert not (Path(os.environ["HF_HOME"]) / "hub").exists()
     assert not list(out.rglob("*.parquet"))
     # Only the files the build needs were fetched: train and validation whole (plus their footers), no test.
@@ -124,11 +126,14 @@ def test_hub_build_equals_the_local_copy_with_bounded_disk_and_nothing_left(hub,
 
 def test_a_trial_fetches_only_the_row_groups_it_keeps(hub, hub_repo, tmp_path):
     root, summary = hub_repo
-    info = build_shards(tmp_path / "out", source=HUB_ID, limit=100, shard_size=50, workers=2)
+    with DiskSampler(tmp_path / "out" / BUILD_DIR / DOWNLOAD_DIR) as staging:
+        info = build_shards(tmp_path / "out", source=HUB_ID, limit=100, shard_size=50, workers=2)
     assert [info["splits"][s]["num_inputs"] for s in ("train", "validation")] == [100, 100]
-    # Only ranged reads of footers and row groups: nothing staged on disk, nothing cached.
-    assert all(r.range is not None for r in hub.requests if r.file is not None and r.method == "GET")
-    assert not (tmp_path / "out" / BUILD_DIR / DOWNLOAD_DIR).exists()
+    # Only ranged reads of footers and row groups, never a whole file: nothing staged on disk, nothing cached.
+    whole = {f"bytes=0-{f.bytes - 1}" for f in summary.files}
+    assert all(r.range is not None and r.range not in whole
+               for r in hub.requests if r.file is not None and r.method == "GET")
+    assert staging.peak == 0
     assert hub.total_sent <= 0.3 * summary.total_bytes, (hub.total_sent, summary.total_bytes)
     # At most about 2x the bytes of the images it keeps, plus one footer per file of the splits.
     image_bytes, footers = {}, 0
@@ -212,8 +217,8 @@ def test_a_download_dropping_every_time_is_named_and_the_rerun_continues(hub, va
     # Shards finished before the failure are complete; the rerun continues from the last commit.
     for name, data in shards_and_stats(out).items():
         assert shards_and_stats(validation_reference)[name] == data
-    log = json.loads((out / BUILD_DIR / "validation.log.json").read_text())
-    assert log["parts_done"] == 5  # files 0 to 4 were read before file 5 failed
+    journal = json.loads((out / BUILD_DIR / "validation.journal.json").read_text())
+    assert journal["parts_done"] == 5  # files 0 to 4 were read before file 5 failed
     hub.reset()
     hub_validation(out)
     assert shards_and_stats(out) == shards_and_stats(validation_reference)

@@ -4,7 +4,8 @@ The sha256 of every file of a few fixed builds (each shard, `_info.json`, `stats
 main at 1362294 (2026-12-05), before prep/ was reorganised: the synthetic source with 1, 2 and 3
 workers; a small parquet repo read from a local folder and through the stand-in Hub with 1 and 2
 workers; each also with `--limit` and `--stats-every`. A change that alters these bytes on purpose
-updates the digests here and says why in its commit.
+updates the digests here and says why in its commit. Changed since: `_info.json` records the inputs
+digest (`inputs`, the per-split sha256 that `.build/options.json` held), nothing else in it.
 
 What depends on the machine or the folder, not on the code, is left out:
 - the source folder's absolute path in `_info.json` (`options.source`) reads SOURCE;
@@ -60,9 +61,9 @@ PARQUET = ["--shard-size", "20"]
 SYNTHETIC_LIMITED = SYNTHETIC + ["--limit", "50", "--stats-every", "3"]
 PARQUET_LIMITED = PARQUET + ["--limit", "22", "--stats-every", "3"]
 
-# File name -> sha256, from main at 1362294 under PINNED_PILLOW.
+# File name -> sha256, from main at 1362294 under PINNED_PILLOW (`_info.json`: with its `inputs` record).
 PINNED_SYNTHETIC = {
-    "_info.json": "39907d2966ca2a00760805ee13ae1c8ec70caffe1e035e25587c12b36794631c",
+    "_info.json": "8706a2d898c8c282a6b1cb2f62ec63e0d6573ff63d225a1b8350d867f21dc59d",
     "stats.json": "fd153920f7945e64a9c4d16aa2785104096293fe114ac32de16410ef0fefcca4",
     "train-000000.tar": "2adac8053acc88f8bee92e336d8597374af9a7acd91646f15f16f27c0e28083a",
     "train-000001.tar": "e025f446abb0639e86af787dafa1aefe7cd30c64963b8d3bd1a3ec52cfaac9e6",
@@ -80,7 +81,7 @@ PINNED_SYNTHETIC = {
     "validation-000003.tar": "ec57e0ad47c14caf41591a3fe140b739ffabe375d89e4ba425e362877ab6906f",
 }
 PINNED_SYNTHETIC_LIMITED = {
-    "_info.json": "a7d06033e1c8b547137cfa713836b75014d5f5e79476df199105e6e3b755f398",
+    "_info.json": "9272a6dacd609f5b580a8745497576991319cf37dee516cf334fc07fa35ce7be",
     "stats.json": "ae4041ebfca039f1ac31774bc5210dde3cec28659f85906f6c7d4ff75f056d7f",
     "train-000000.tar": "cd3e0ef564ec2d204be84d6601bb80d21961c163b97b5f2c7104ef033bfb02ff",
     "train-000001.tar": "6c84018ba283d139bb71dc611d4df31a04f43611ec6da3d0edeba8c46005a9fe",
@@ -88,7 +89,7 @@ PINNED_SYNTHETIC_LIMITED = {
     "validation-000001.tar": "46bec6160dfd63a281376a5a150d47b46d212c22d59b4076d51ecea0662a1d4a",
 }
 PINNED_PARQUET = {  # the local folder (`options.source` "parquet:SOURCE")
-    "_info.json": "e57551c89d110adf5be6a2b3f512241dfb68ca2c6d8b277427eee0bb7b35a905",
+    "_info.json": "f746e42ff594fbdf3fceb4e7d2b969e07afff57e587aa1808482e7b0d92b01e8",
     "stats.json": "c96270cffc3e55dcaa896235f695c79ccc8b079498751b1addbd0d640549fabd",
     "train-000000.tar": "1d537967ca8175dd1a7e4899fb143330e8701c4b5864f8f3c5691b67ee106a8e",
     "train-000001.tar": "cb5acd37987a4995dac1dd98f8b3cd33b18f0f0f8801a2721ee919071221ec6d",
@@ -98,7 +99,7 @@ PINNED_PARQUET = {  # the local folder (`options.source` "parquet:SOURCE")
     "validation-000001.tar": "22bc21018c1eb6fdb2d60d11a538d9ef37ea04d442dffaa91b2768efc3e4d6b3",
 }
 PINNED_PARQUET_LIMITED = {
-    "_info.json": "74eb6bb99d173a31b22d7b5050127ce4b246265c39414eba878ec1f754d40555",
+    "_info.json": "0de236e7f133017e52c13d233b0d8a90e4f9b2f7bbf856414b20f7e659b51f87",
     "stats.json": "b68995b61cd07455c42854b2b65fff0e1c3d119a40d2665cbcd091dba1e27f88",
     "train-000000.tar": "5bb5a08cf1499f8b6d63815e428ee8bfeba90daab671f9dfbc9762d86a54fd6b",
     "train-000001.tar": "e3cd9f2e4299a267df96bdedf358b6f2fd9572bda0014a74c8bfab911c2a353b",
@@ -106,9 +107,9 @@ PINNED_PARQUET_LIMITED = {
     "validation-000001.tar": "0253f7eb68f03dca5468e4340e227b430252e958f5fea9154a0e42c29a492dc1",
 }
 # Through the Hub the shards and statistics are the same; `_info.json` names the Hub repo instead.
-PINNED_HUB = {**PINNED_PARQUET, INFO_NAME: "869be89b5e0dc55fda5c38b7c0542801cc05b8a1d13c38172539f96c3150b0d2"}
+PINNED_HUB = {**PINNED_PARQUET, INFO_NAME: "31741d9dded9e2027b2289c01aad008fe865c1e0f5c48506027dc17b71613017"}
 PINNED_HUB_LIMITED = {**PINNED_PARQUET_LIMITED,
-                      INFO_NAME: "203976723c78f6d612a9507bd03e0addd371872f9dc4d0d4195dbdb40ad3a178"}
+                      INFO_NAME: "0c11f1fdedac96ed0664a1100580e1e62a6e0e95afbc088817225c081d28eb69"}
 
 
 def _rounded_eigen(stats: str) -> str:

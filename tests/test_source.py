@@ -16,11 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import numpy as np
+
 from prep import synthetic
 from prep.build import build_shards
 from prep.contract import imagenet_classes
-from prep.fetch import FetchError
-from prep.source import Item, Row, SourceError, distinct_key, open_source, parquet_rows, safe_key
+from prep.errors import FetchError, SourceError
+from prep.listed_source import Item
+from prep.open_source import open_source
+from prep.parquet_source import distinct_key, parquet_rows
+from prep.source import PartRequest, Staging, safe_key
 
 CANONICAL = imagenet_classes()
 
@@ -50,14 +55,17 @@ def write_parquet(root: Path, split: str, rows: list[tuple[str | None, bytes, in
 
 
 def read_all(source, split: str) -> list[tuple[str, int, bytes]]:
-    """(key, label, bytes) of every row of a parquet source, in row order, read group by group."""
-    out, first = [], 0
-    for part in source.split(split).parts:
-        pf = source.store.parquet(part.name)
-        for group, n in enumerate(part.units):
-            table = pf.read_row_group(group, columns=["image", "label"])
-            out += [(r.key, r.label, r.data) for r in parquet_rows(table, split, first, len(source.classes))]
-            first += n
+    """(key, label, bytes) of every row of a parquet source, as it hands them to a build: part by part, in row order."""
+    requests, first = [], 0
+    for i, part in enumerate(source.parts(split)):
+        requests.append(PartRequest(split, i, np.arange(first, first + part.num_rows), whole_split=True))
+        first += part.num_rows
+    out, keys = [], set()
+    with source.reader(requests, Staging(Path("/nonexistent"), prefetch=1)) as reader:
+        for request in requests:
+            rows = list(reader.rows(request, keys))
+            assert [r.number for r in rows] == request.rows.tolist()
+            out += [(r.key, r.label, r.data) for r in rows]
     return out
 
 
@@ -100,7 +108,7 @@ def test_parquet_folder_read_directly_from_its_footers_and_row_groups(tmp_path, 
     assert source.identity == f"parquet:{tmp_path.resolve()}"
     assert [(c.index, c.wnid, c.name) for c in source.classes] == [(0, "cat", "cat"), (1, "dog", "dog"),
                                                                    (2, "owl", "owl")]
-    [part] = source.split("train").parts
+    [part] = source.parts("train")
     assert (part.name, part.units) == ("data/train-00000-of-00001.parquet", (4,))
     assert part.size == (tmp_path / part.name).stat().st_size
     # Keys: the stem of image.path (dots made safe), or split + row number where the path is missing;
@@ -147,9 +155,9 @@ def test_parquet_keys_sharing_a_stem_are_qualified_bad_labels_and_missing_bytes_
 
 def test_distinct_key_keeps_new_keys_and_qualifies_repeats_until_new():
     seen: set[str] = set()
-    rows = [Row("a", 0, b"", path="x/a.jpg"), Row("a", 0, b"", path="y/a.jpg"), Row("a", 0, b"", path="y/a.jpg"),
-            Row("a", 0, b"", path="a.jpg"), Row("train_00000004", 0, b""), Row("train_00000004", 0, b"")]
-    assert [distinct_key(row, n, seen) for n, row in enumerate(rows)] == [
+    rows = [("a", "x/a.jpg"), ("a", "y/a.jpg"), ("a", "y/a.jpg"), ("a", "a.jpg"), ("train_00000004", None),
+            ("train_00000004", None)]
+    assert [distinct_key(key, path, n, seen) for n, (key, path) in enumerate(rows)] == [
         "a", "y_a_jpg", "y_a_jpg_2", "a_jpg", "train_00000004", "train_00000004_5"]
 
 
@@ -302,7 +310,8 @@ def test_tree_errors_are_one_clear_line(tmp_path):
 
 
 def test_listed_sources_are_read_in_parts_of_at_least_256_and_at_most_256_parts():
-    small = open_source("synthetic", ("train",), {"train": 30}).split("train")
-    assert [p.num_rows for p in small.parts] == [256, 44] and small.parts[1].name == "items 256-299"
-    large = open_source("synthetic", ("train",), {"train": 10_000}).split("train")
-    assert len(large.parts) == 256 and {p.num_rows for p in large.parts[:-1]} == {391} and large.num_rows == 100_000
+    small = open_source("synthetic", ("train",), {"train": 30}).parts("train")
+    assert [p.num_rows for p in small] == [256, 44] and small[1].name == "items 256-299"
+    large = open_source("synthetic", ("train",), {"train": 10_000})
+    parts = large.parts("train")
+    assert len(parts) == 256 and {p.num_rows for p in parts[:-1]} == {391} and large.num_rows("train") == 100_000
