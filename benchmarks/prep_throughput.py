@@ -216,7 +216,7 @@ def stats_options(datas: list[bytes], repeat: int) -> dict:
             best = min(best, time.process_time() - t)
         for o in outs:
             total.add(fn(o))
-        result[name] = {"ms_per_image": 1e3 * best / len(outs), "stats": total.stats()}
+        result[name] = {"ms_per_image": 1e3 * best / len(outs), "stats": total.stats().to_json()}
     ref, other = result["decoded"]["stats"], result["before_encoding"]["stats"]
     result["deviation"] = {
         "mean": max(abs(a - b) for a, b in zip(other["mean"], ref["mean"])),

@@ -31,7 +31,7 @@ import shutil
 import struct
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -39,7 +39,8 @@ import numpy as np
 from tqdm import tqdm
 
 from prep import out_folder
-from prep.contract import INFO_NAME, SCHEMA_VERSION, SPLITS, STATS_NAME, atomic_write, shard_name, write_json
+from prep.contract import (INFO_NAME, SPLITS, STATS_NAME, ContractError, FolderInfo, ShardRecord, SkippedInput, SplitInfo,
+                           atomic_write, read_info, shard_name, write_json)
 from prep.errors import BuildError
 from prep.image import pillow_flavour
 from prep.open_source import HUB_ID, open_source
@@ -158,19 +159,25 @@ class Sidecar:
     class_counts: dict[int, int]  # samples per class index
     sha256: str
     size: int  # bytes of the tar
-    skipped: list[dict] = field(default_factory=list)  # {"key", "reason"} per skipped row, in written order
+    skipped: tuple[SkippedInput, ...] = ()  # in written order
     sums: PixelSums | None = None  # train: pixel sums of the shard's images in the statistics sample
+
+    @property
+    def record(self) -> ShardRecord:
+        return ShardRecord(self.filename, self.num_samples, self.sha256, self.size)
 
     def to_json(self) -> dict:
         return {"filename": self.filename, "num_inputs": self.num_inputs, "num_samples": self.num_samples,
                 "class_counts": {str(label): n for label, n in sorted(self.class_counts.items())},
-                "sha256": self.sha256, "size": self.size, "skipped": self.skipped,
+                "sha256": self.sha256, "size": self.size, "skipped": [s.to_json() for s in self.skipped],
                 "sums": self.sums.to_json() if self.sums is not None else None}
 
     @classmethod
-    def from_json(cls, d: dict) -> Sidecar:
+    def from_json(cls, d: dict, source: str) -> Sidecar:
+        """The sidecar read from `source`; KeyError, TypeError or ContractError where it is damaged."""
+        skipped = tuple(SkippedInput.from_json(s, source, f"skipped input {i}") for i, s in enumerate(d["skipped"]))
         return cls(d["filename"], d["num_inputs"], d["num_samples"], {int(k): n for k, n in d["class_counts"].items()},
-                   d["sha256"], d["size"], d["skipped"], PixelSums.from_json(d["sums"]) if d["sums"] else None)
+                   d["sha256"], d["size"], skipped, PixelSums.from_json(d["sums"]) if d["sums"] else None)
 
 
 class _Entry(NamedTuple):
@@ -230,7 +237,7 @@ def finish_shard(job: FinishJob) -> Sidecar:
     with atomic_write(job.shard) as f:
         for e in entries:
             if "skip" in e.meta:
-                skipped.append({"key": e.meta["key"], "reason": e.meta["skip"]})
+                skipped.append(SkippedInput(e.meta["key"], e.meta["skip"]))
                 continue
             class_counts[e.label] = class_counts.get(e.label, 0) + 1
             if "sums" in e.meta:
@@ -243,7 +250,7 @@ def finish_shard(job: FinishJob) -> Sidecar:
         sha.update(end)
         size += len(end)
     sidecar = Sidecar(job.shard.name, len(entries), sum(class_counts.values()), class_counts, sha.hexdigest(), size,
-                      skipped, sums)
+                      tuple(skipped), sums)
     write_json(job.sidecar, sidecar.to_json())
     job.partial.unlink(missing_ok=True)
     return sidecar
@@ -431,10 +438,11 @@ class _SplitBuild:
 
 def _finished(work: Path, out: Path, split: str, k: int) -> Sidecar | None:
     """The shard's sidecar if the shard is complete (sidecar present, tar of the recorded size), else None."""
+    path = work / SIDECAR_DIR / f"{split}-{k:06d}.json"
     try:
-        sidecar = Sidecar.from_json(json.loads((work / SIDECAR_DIR / f"{split}-{k:06d}.json").read_text("utf-8")))
+        sidecar = Sidecar.from_json(json.loads(path.read_text("utf-8")), str(path))
         return sidecar if (out / shard_name(split, k)).stat().st_size == sidecar.size else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ContractError):
         return None
 
 
@@ -491,30 +499,23 @@ def _stream(b: _SplitBuild, reader: RowReader, workers: Workers, progress: bool)
                 bar.set_postfix_str(f"{rate:.1f} MB/s source", refresh=False)
 
 
-def _split_info(split: str, sidecars: list[Sidecar], num_classes: int) -> dict:
+def _split_info(split: str, sidecars: list[Sidecar], num_classes: int) -> SplitInfo:
     """The `_info.json` entry of one split, from its shards' sidecars in shard order."""
-    class_counts = [0] * num_classes
+    class_counts = [0] * num_classes  # samples written per class index
     for s in sidecars:
         for label, n in s.class_counts.items():
             class_counts[label] += n
-    return {
-        "name": split,
-        "filenames": [s.filename for s in sidecars],
-        "shard_lengths": [s.num_samples for s in sidecars],
-        "num_samples": sum(s.num_samples for s in sidecars),
-        "num_inputs": sum(s.num_inputs for s in sidecars),
-        "shards": [{"filename": s.filename, "num_samples": s.num_samples, "sha256": s.sha256, "size": s.size}
-                   for s in sidecars],
-        "skipped": [item for s in sidecars for item in s.skipped],
-        "class_counts": class_counts,  # samples written per class index
-    }
+    return SplitInfo(name=split, filenames=tuple(s.filename for s in sidecars),
+                     shard_lengths=tuple(s.num_samples for s in sidecars), num_samples=sum(s.num_samples for s in sidecars),
+                     num_inputs=sum(s.num_inputs for s in sidecars), shards=tuple(s.record for s in sidecars),
+                     skipped=tuple(item for s in sidecars for item in s.skipped), class_counts=tuple(class_counts))
 
 
 class Built(NamedTuple):
-    """What `build` did: the folder's `_info.json` content, and whether this call wrote it (False: the
-    folder was complete already)."""
+    """What `build` did: the folder's `_info.json`, and whether this call wrote it (False: the folder was
+    complete already)."""
 
-    info: dict
+    info: FolderInfo
     wrote: bool
 
 
@@ -551,13 +552,13 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
     plans = {split: plan_split([u for p in source.parts(split) for u in p.units], split, config.seed,
                                config.shard_size, config.limit) for split in config.splits}
     stats_every = config.stats_every or (sample_every(len(plans["train"].rows)) if "train" in plans else 1)
-    record = out_folder.build_record(config.to_json(), flavour, source.digest())
+    record = out_folder.BuildRecord(config.to_json(), flavour, source.digest())
 
     claim = out_folder.claim(out, record)
     if claim is None:
         log(f"{out}: complete, as {INFO_NAME} records this very build; nothing written "
             f"(`alexprep verify {out}` checks every byte)")
-        return Built(json.loads((out / INFO_NAME).read_text(encoding="utf-8")), wrote=False)
+        return Built(read_info(out), wrote=False)
     try:
         log(f"source {source.identity}: " + ", ".join(
             f"{s} {source.num_rows(s)} inputs, {len(plans[s].rows)} kept, {plans[s].num_shards} shards"
@@ -586,10 +587,10 @@ def build(out: str | os.PathLike, config: BuildConfig, workers: int | None = Non
             for sidecar in sidecars["train"]:
                 sums.add(sidecar.sums)
             if sums.num_pixels:
-                write_json(out / STATS_NAME, sums.stats(stats_every))
-        info = {"name": source.name, "schema_version": SCHEMA_VERSION, "splits": summaries,
-                "classes": [c.to_json() for c in source.classes], **record}
-        write_json(out / INFO_NAME, info)  # last: its presence means the folder is complete
+                write_json(out / STATS_NAME, sums.stats(stats_every).to_json())
+        info = FolderInfo(name=source.name, splits=summaries, classes=tuple(source.classes), options=record.options,
+                          pillow=record.pillow, inputs=record.inputs)
+        write_json(out / INFO_NAME, info.to_json())  # last: its presence means the folder is complete
         claim.done()
         return Built(info, wrote=True)
     finally:
@@ -601,9 +602,9 @@ def build_shards(out: str | os.PathLike, source: str = "synthetic", splits: tupl
                  seed: int = 0, quality: int = 90, progress: bool = False,
                  per_class: int | Mapping[str, int] | None = None, prefetch: int = DEFAULT_PREFETCH,
                  keep_download: str | os.PathLike | None = None, stats_every: int | None = None) -> dict:
-    """`build` with keyword options (the tests' entry point); returns the `_info.json` content."""
+    """`build` with keyword options (the tests' entry point); returns the `_info.json` content (a dict)."""
     if isinstance(per_class, int):
         per_class = {split: per_class for split in splits}
     config = BuildConfig(source=source, splits=tuple(splits), limit=limit, shard_size=shard_size, seed=seed,
                          quality=quality, per_class=per_class, stats_every=stats_every)
-    return build(out, config, workers=workers, progress=progress, prefetch=prefetch, keep_download=keep_download).info
+    return build(out, config, workers=workers, progress=progress, prefetch=prefetch, keep_download=keep_download).info.to_json()

@@ -65,9 +65,8 @@ def _run(out: Path, config: BuildConfig, workers: int, progress: bool, prefetch:
         where = f"{e.filename}: " if e.filename else ""
         raise click.ClickException(f"cannot write the build in {out}: {where}{e.strerror or e}; finished shards "
                                    f"are kept: fix that, then rerun the same command") from e
-    for split, entry in built.info["splits"].items():
-        click.echo(f"{split}: {entry['num_inputs']} inputs = {entry['num_samples']} written "
-                   f"+ {len(entry['skipped'])} skipped")
+    for split, entry in built.info.splits.items():
+        click.echo(f"{split}: {entry.num_inputs} inputs = {entry.num_samples} written + {len(entry.skipped)} skipped")
     if built.wrote:
         click.echo(f"wrote {out}")
 

@@ -256,25 +256,29 @@ def class_table(classes, source: str) -> tuple[ClassInfo, ...]:
 @dataclass(frozen=True)
 class FolderInfo:
     """`_info.json`: the folder's name, its splits (in the file's order), its class table, the options
-    it was built with (`prep.build.BuildConfig.to_json`, as recorded) and the Pillow that encoded it."""
+    it was built with (`prep.build.BuildConfig.to_json`, as recorded), the Pillow that encoded it and,
+    per split, a digest of its inputs (`prep.source.Source.digest`: a rerun of the same build finds
+    the folder complete)."""
 
     name: str | None
     splits: dict[str, SplitInfo]
     classes: tuple[ClassInfo, ...]
     options: dict
     pillow: str | None
+    inputs: dict[str, str] | None = None  # split -> sha256; None in folders built before it was recorded
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
         """The file's content: `write_json(folder / INFO_NAME, info.to_json())` writes it."""
         return {"name": self.name, "schema_version": self.schema_version,
                 "splits": {name: split.to_json() for name, split in self.splits.items()},
-                "classes": [c.to_json() for c in self.classes], "options": self.options, "pillow": self.pillow}
+                "classes": [c.to_json() for c in self.classes], "options": self.options, "pillow": self.pillow,
+                **({"inputs": dict(self.inputs)} if self.inputs is not None else {})}
 
     @classmethod
     def from_json(cls, info: dict, source: str) -> FolderInfo:
-        """Check `_info.json`'s content: schema version, the class table, the splits (`SplitInfo.from_json`)
-        and the options; ContractError with one line naming `source`, the place and the field."""
+        """Check `_info.json`'s content: schema version, the class table, the splits (`SplitInfo.from_json`),
+        the options and the inputs' digests; ContractError with one line naming `source`, the place and the field."""
         version = info.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ContractError(f"{source}: schema_version {version!r}, this program reads {SCHEMA_VERSION}")
@@ -286,7 +290,12 @@ class FolderInfo:
         options = info.get("options", {})
         if not isinstance(options, dict):
             raise ContractError(f"{source}: `options` is not an object: {options!r:.80}")
-        return cls(info.get("name"), splits, classes, options, info.get("pillow"), version)
+        inputs = info.get("inputs")
+        if "inputs" in info and not (isinstance(inputs, dict) and all(
+                isinstance(split, str) and _is_sha256(digest) for split, digest in inputs.items())):
+            raise ContractError(f"{source}: `inputs` is not an object of split -> sha256 (64 lowercase hex digits): "
+                                f"{inputs!r:.80}")
+        return cls(info.get("name"), splits, classes, options, info.get("pillow"), inputs, version)
 
 
 def parse_info(data: bytes, source: str) -> FolderInfo:

@@ -2,9 +2,8 @@
 
 A folder is taken (`claim`) if it is new or empty, or if `.build/options.json` records this very build
 (one this command started and a kill stopped); it is complete if its `_info.json` records this very
-build (options, Pillow build and a digest of the inputs): then nothing is written (a `.build/` left
-beside it goes). Anything else is
-refused in one line and left untouched. While a build runs it holds an exclusive lock on `.build/lock`,
+build (a BuildRecord: options, Pillow build and a digest of the inputs): then nothing is written (a
+`.build/` left beside it goes). Anything else is refused in one line and left untouched. While a build runs it holds an exclusive lock on `.build/lock`,
 so a second build of the same folder is refused. Everything under `.build/` is the build's own
 bookkeeping; once `_info.json` is written, `.build/` goes (`Claim.done`), and the folder holds the shards,
 `_info.json` and `stats.json` only. A build deletes nothing else but its own temporaries (`.tmp-NAME.*`
@@ -18,10 +17,11 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from prep.contract import INFO_NAME, write_json
+from prep.contract import INFO_NAME, ContractError, FolderInfo, read_info, write_json
 from prep.errors import BuildError
 
 BUILD_DIR = ".build"  # a running build's bookkeeping; everything in it is the build's own
@@ -29,7 +29,35 @@ OPTIONS_NAME = "options.json"  # .build/options.json: the record of the build th
 LOCK_NAME = "lock"
 _KEEP = (".gitkeep",)  # files a fresh --out may already hold (the repo's shards/ has one)
 _TEMPORARY = re.compile(r"\.tmp-(.+)\.[a-z0-9_]{8}")  # prep.contract.atomic_write's temporary of a file (mkstemp)
-_RECORD_KEYS = ("options", "pillow", "inputs")  # what a build record holds, in options.json and _info.json
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """What decides a build's bytes: in `.build/options.json` while the folder is built, in `_info.json`
+    (FolderInfo's fields of the same names) once it is complete."""
+
+    options: dict  # prep.build.BuildConfig.to_json()
+    pillow: str | None  # prep.image.pillow_flavour()
+    inputs: dict[str, str] | None  # prep.source.Source.digest(); None where an earlier version did not record it
+
+    def to_json(self) -> dict:
+        return {"options": self.options, "pillow": self.pillow, "inputs": self.inputs}
+
+    @classmethod
+    def of(cls, info: FolderInfo) -> BuildRecord:
+        return cls(info.options, info.pillow, info.inputs)
+
+    @classmethod
+    def read(cls, path: Path) -> BuildRecord:
+        """The record in `.build/options.json`; BuildError if it is unreadable."""
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            record = cls(obj.get("options", {}), obj.get("pillow"), obj.get("inputs"))
+            _differences(record, record)  # its shape: options and inputs are objects
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            raise BuildError(f"{path}: unreadable build record ({type(e).__name__}); this folder cannot be "
+                             f"resumed: use another --out") from None
+        return record
 
 
 class Claim:
@@ -55,12 +83,7 @@ class Claim:
         os.close(self._lock)
 
 
-def build_record(options: dict, pillow: str, inputs: dict[str, str]) -> dict:
-    """What decides a build's bytes, as recorded in `.build/options.json` and in `_info.json`."""
-    return {"options": options, "pillow": pillow, "inputs": inputs}
-
-
-def claim(out: Path, record: dict) -> Claim | None:
+def claim(out: Path, record: BuildRecord) -> Claim | None:
     """Take `out` for the build `record` says (None: it is complete already); BuildError in one line if
     it is not this build's folder or another build holds it."""
     if out.exists() and not out.is_dir():
@@ -88,12 +111,12 @@ def claim(out: Path, record: dict) -> Claim | None:
     lock = _lock(out)
     try:
         if options.is_file():
-            previous = _read_record(options)
+            previous = BuildRecord.read(options)
             if previous != record:
                 raise BuildError(f"--out {out} already holds shards built differently "
                                  f"({_differences(previous, record)}); use another --out or empty it")
         else:
-            write_json(options, record)
+            write_json(options, record.to_json())
     except BaseException:
         os.close(lock)
         raise
@@ -120,33 +143,24 @@ def _lock(out: Path) -> int:
     return fd
 
 
-def _check_complete(out: Path, record: dict) -> None:
+def _check_complete(out: Path, record: BuildRecord) -> None:
     """`out`'s `_info.json` must record this build (an earlier version recorded it in `.build/options.json`)."""
-    info = out / INFO_NAME
-    recorded = _read_record(info)
-    if "inputs" not in recorded and (out / BUILD_DIR / OPTIONS_NAME).is_file():
-        recorded = _read_record(out / BUILD_DIR / OPTIONS_NAME)
+    try:
+        recorded = BuildRecord.of(read_info(out))
+    except ContractError as e:
+        raise BuildError(f"{e}; this folder cannot be resumed: use another --out") from None
+    if recorded.inputs is None and (out / BUILD_DIR / OPTIONS_NAME).is_file():
+        recorded = BuildRecord.read(out / BUILD_DIR / OPTIONS_NAME)
     if recorded != record:
         raise BuildError(f"--out {out} already holds shards built differently ({_differences(recorded, record)}); "
                          f"use another --out or empty it")
 
 
-def _read_record(path: Path) -> dict:
-    """The build record in `path` (options.json, or the same keys of _info.json); BuildError if unreadable."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        _differences(obj, obj)  # its shape: an object whose options and inputs are objects
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise BuildError(f"{path}: unreadable build record ({type(e).__name__}); this folder cannot be "
-                         f"resumed: use another --out") from None
-    return {k: obj[k] for k in _RECORD_KEYS if k in obj}
-
-
-def _differences(old: dict, new: dict) -> str:
+def _differences(old: BuildRecord, new: BuildRecord) -> str:
     """What differs between two build records, e.g. "seed: 0 -> 1; train inputs: changed"."""
-    def flat(record: dict) -> dict:
-        return {**record.get("options", {}), "pillow": record.get("pillow"),
-                **{f"{split} inputs": digest for split, digest in record.get("inputs", {}).items()}}
+    def flat(record: BuildRecord) -> dict:
+        return {**record.options, "pillow": record.pillow,
+                **{f"{split} inputs": digest for split, digest in (record.inputs or {}).items()}}
 
     def shown(record: dict, k: str) -> str:
         return repr(record[k]) if k in record else "not recorded"  # e.g. an option newer than the folder

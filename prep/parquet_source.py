@@ -32,6 +32,7 @@ from prep.errors import FetchError, SourceError
 from prep.fetch import HubStore, Store, row_groups
 from prep.source import (Part, PartRequest, Row, RowReader, SeenKeys, Source, Staging, qualified_key,
                          require_splits, safe_key)
+from prep.text import first_line
 
 _FOOTER_THREADS = 8  # parquet footers read at once when a source is opened
 
@@ -217,7 +218,7 @@ def _read_group(pf: pq.ParquetFile, group: int, rows: int, where: str) -> pa.Tab
     except FetchError:  # the network's doing (prep.fetch retried it already)
         raise
     except Exception as e:
-        raise FetchError(f"{where}: not a readable parquet file ({_line(e)}); the build stopped "
+        raise FetchError(f"{where}: not a readable parquet file ({first_line(e)}); the build stopped "
                          f"(finished shards are complete)") from None
     if table.num_rows != rows:
         raise FetchError(f"{where}: row group {group} holds {table.num_rows} rows where the footer read when the "
@@ -229,12 +230,8 @@ def _parquet_file(path: Path, where: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise FetchError(f"{where}: not a readable parquet file ({_line(e)}); the build stopped "
+        raise FetchError(f"{where}: not a readable parquet file ({first_line(e)}); the build stopped "
                          f"(finished shards are complete)") from None
-
-
-def _line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class _Downloads:

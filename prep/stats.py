@@ -92,9 +92,9 @@ class PixelSums:
         return cls(int(d["num_images"]), int(d["num_pixels"]), [int(v) for v in d["sum"]],
                    [[int(v) for v in row] for row in d["prod"]])
 
-    def stats(self, every: int = 1) -> dict:
-        """The `stats.json` content (`PixelStats.to_json`): mean, std, cov, eigval (descending), eigvec
-        (unit columns), counts; `every`: the sampling step the sums come from (recorded as `sample_every`)."""
+    def stats(self, every: int = 1) -> PixelStats:
+        """`stats.json`: mean, std, cov, eigval (descending), eigvec (unit columns), counts; `every`: the
+        sampling step the sums come from (recorded as `sample_every`)."""
         n = self.num_pixels
         if n == 0:
             raise ValueError("no training pixels to compute statistics from")
@@ -115,4 +115,4 @@ class PixelSums:
             num_pixels=n, schema_version=SCHEMA_VERSION, split="train",
             pixels="after JPEG encoding (the shards' images decoded)", scale="0..1",
             sample_every=every,  # every k-th train image in written order (a seeded random sample)
-        ).to_json()
+        )

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, Protocol, TypeVar
 
-from prep.contract import FIELDS, IMAGE_SIZE
+from prep.contract import CLS, FIELDS, IMAGE_SIZE, JPG, META
 from prep.image import SkipImage, process
 from prep.source import Source
 from prep.stats import PixelSums
@@ -106,8 +106,8 @@ def _process_one(job: _Job, split: str, task: Task) -> Sample:
     cls = job.source.classes[task.label]
     meta = {"key": task.key, "label": task.label, "wnid": cls.wnid, "width": p.width, "height": p.height,
             "mode": p.mode, "format": p.format}
-    payloads = {"jpg": p.jpeg, "cls": str(task.label).encode("ascii"),
-                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")}
+    payloads = {JPG: p.jpeg, CLS: str(task.label).encode("ascii"),
+                META: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")}
     return Sample(task.row, task.key, task.label, sample_members(task.key, [(f, payloads[f]) for f in FIELDS]),
                   p.sums)
 

@@ -15,7 +15,7 @@ def photo_like_stats() -> dict:
     along about (1, 1, 1) / sqrt(3) and two small ones."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 200, (256, 256, 1)) + rng.integers(0, 56, (256, 256, 3))
-    return PixelSums.of_image(pixels.astype(np.uint8)).stats()
+    return PixelSums.of_image(pixels.astype(np.uint8)).stats().to_json()
 
 
 STATS_JSON = photo_like_stats()

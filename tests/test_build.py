@@ -27,7 +27,7 @@ from prep.contract import FIELDS, INFO_NAME, SPLITS, STATS_NAME, imagenet_classe
 from prep.errors import BuildError, FetchError, SourceError
 from prep.image import pillow_flavour, process
 from prep.open_source import open_source
-from prep.out_folder import BUILD_DIR, build_record, claim
+from prep.out_folder import BUILD_DIR, BuildRecord, claim
 from prep.tar_format import tar_header
 
 SMALL = {"per_class": {"train": 6, "validation": 3}, "shard_size": 8}  # 60 + 30 inputs, 8 + 4 shards
@@ -193,7 +193,7 @@ def test_a_finished_folder_holds_the_contract_alone_and_a_rerun_writes_nothing(t
         [INFO_NAME, STATS_NAME] + [shard_name("train", k) for k in range(8)] + [shard_name("validation", k)
                                                                                  for k in range(4)])
     # _info.json records what decides the bytes, so that a rerun can tell it is the same build.
-    assert first.info["inputs"] == open_source("synthetic", SPLITS, SMALL["per_class"]).digest()
+    assert first.info.inputs == open_source("synthetic", SPLITS, SMALL["per_class"]).digest()
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
     lines.clear()
     again = build(out, BuildConfig(source="synthetic", **SMALL), workers=2, log=lines.append)
@@ -292,7 +292,7 @@ def test_shards_are_finished_by_the_workers(tmp_path, monkeypatch, workers):
     pids = (tmp_path / "finishing-pids").read_text().split()
     assert len(pids) == 12  # 8 train + 4 validation shards
     assert (set(pids) == {str(os.getpid())}) == (workers == 1)  # in the pool's processes, else in this one
-    assert len(read_info(out)["splits"]["train"]["filenames"]) == 8
+    assert len(read_info(out).splits["train"].filenames) == 8
 
 
 def test_refuses_a_folder_built_with_other_options_or_by_someone_else(tmp_path):
@@ -464,7 +464,7 @@ def test_the_build_removes_only_its_own_files(tmp_path):
 def test_a_second_build_of_a_held_folder_is_refused(tmp_path):
     out = tmp_path / "out"
     config = BuildConfig(source="synthetic", **SMALL)
-    record = build_record(config.to_json(), pillow_flavour(), open_source("synthetic", SPLITS, SMALL["per_class"]).digest())
+    record = BuildRecord(config.to_json(), pillow_flavour(), open_source("synthetic", SPLITS, SMALL["per_class"]).digest())
     held = claim(out, record)  # what a running build of the same command holds
     before = folder_bytes(out)
     with pytest.raises(BuildError, match=rf"--out {out}: another build is writing this folder \(it holds "
@@ -488,5 +488,6 @@ def test_a_corrupt_build_record_is_one_line(tmp_path):
     finished = tmp_path / "finished"  # a finished one
     build_shards(finished, workers=1, **SMALL)
     (finished / INFO_NAME).write_text('{"options": ')
-    with pytest.raises(BuildError, match=rf"^{finished / INFO_NAME}: unreadable build record \(JSONDecodeError\)"):
+    with pytest.raises(BuildError, match=rf"^{finished / INFO_NAME}: unreadable _info.json \(Expecting value: line 1 "
+                                         r"column 13 \(char 12\)\); this folder cannot be resumed: use another --out$"):
         build_shards(finished, workers=1, **SMALL)

@@ -66,6 +66,9 @@ INFO_CASES = {
     "skip without reason": (lambda i: i["splits"]["train"].update(skipped=[{"key": "x", "reason": "empty file"}, {"key": "y"}]),
                             r"split 'train', skipped input 1: `reason` missing \(a string\)"),
     "options a list": (lambda i: i.update(options=["seed", 0]), r"`options` is not an object: \['seed', 0\]"),
+    "inputs a short digest": (lambda i: i.update(inputs={"train": "12ab"}),
+                              r"`inputs` is not an object of split -> sha256 \(64 lowercase hex digits\): \{'train': '12ab'\}"),
+    "inputs a list": (lambda i: i.update(inputs=["train"]), r"`inputs` is not an object of split -> sha256 .*: \['train'\]"),
 }
 
 
@@ -182,7 +185,7 @@ def test_stats_float32_cannot_train_on_stop_alextrain_in_one_line(folder, tmp_pa
 
 
 def stats_of(sums: PixelSums) -> PixelStats:
-    return PixelStats.from_json(sums.stats(), "stats")
+    return PixelStats.from_json(sums.stats().to_json(), "stats")
 
 
 def test_stats_at_the_edges_of_their_ranges_pass():

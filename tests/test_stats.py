@@ -52,26 +52,26 @@ def test_stats_match_numpy_and_the_sign_convention():
     stats = sums_of(images).stats()
     x = images.reshape(-1, 3).astype(np.float64) / 255
     cov = np.cov(x.T, bias=True)  # population covariance, as in stats.json
-    np.testing.assert_allclose(stats["mean"], x.mean(axis=0), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(stats["cov"], cov, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(stats["std"], x.std(axis=0), rtol=0, atol=1e-9)
-    eigval, eigvec = np.array(stats["eigval"]), np.array(stats["eigvec"])
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats.cov, cov, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats.std, x.std(axis=0), rtol=0, atol=1e-9)
+    eigval, eigvec = np.array(stats.eigval), np.array(stats.eigvec)
     assert eigval[0] > eigval[1] > eigval[2] > 0
     np.testing.assert_allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-12)  # unit, orthogonal columns
     np.testing.assert_allclose(cov @ eigvec, eigvec * eigval, atol=1e-12)  # column j belongs to eigval[j]
     for j in range(3):
         column = eigvec[:, j]
         assert column[np.abs(column).argmax()] > 0
-    assert (stats["num_images"], stats["num_pixels"], stats["scale"]) == (4, 4096, "0..1")
-    assert stats["pixels"] == "after JPEG encoding (the shards' images decoded)"
+    assert (stats.num_images, stats.num_pixels, stats.scale) == (4, 4096, "0..1")
+    assert stats.pixels == "after JPEG encoding (the shards' images decoded)"
 
 
 def test_grey_images_have_one_principal_direction():
     grey = np.repeat(correlated_images(np.random.default_rng(2), 3)[..., :1], 3, axis=3)
     stats = sums_of(grey).stats()
-    np.testing.assert_allclose(np.array(stats["eigvec"])[:, 0], np.full(3, 3 ** -0.5), atol=1e-9)
-    assert stats["eigval"][0] == pytest.approx(3 * stats["std"][0] ** 2, rel=1e-9)
-    assert max(abs(v) for v in stats["eigval"][1:]) < 1e-12
+    np.testing.assert_allclose(np.array(stats.eigvec)[:, 0], np.full(3, 3 ** -0.5), atol=1e-9)
+    assert stats.eigval[0] == pytest.approx(3 * stats.std[0] ** 2, rel=1e-9)
+    assert max(abs(v) for v in stats.eigval[1:]) < 1e-12
 
 
 def test_bad_input_is_refused():
@@ -175,9 +175,9 @@ def test_sampled_statistics_are_exact_over_every_kth_written_image(demo_shards, 
         assert (sampled_shards / name).read_bytes() == (demo_shards / name).read_bytes(), name
     images = decoded_train_images(demo_shards, names)  # in written order (the demo build skips nothing)
     assert len(images) == 300
-    stats = read_stats(sampled_shards).to_json()
+    stats = read_stats(sampled_shards)
     assert stats == sums_of(images[::3]).stats(every=3)
-    assert (stats["sample_every"], stats["num_images"], stats["num_pixels"]) == (3, 100, 100 * 256 * 256)
+    assert (stats.sample_every, stats.num_images, stats.num_pixels) == (3, 100, 100 * 256 * 256)
     assert read_stats(demo_shards).sample_every == 1  # a split under 200,000 images: every image
 
     # Against every image: the sample's mean pixel and mean channel products lie within 4 standard errors
@@ -188,4 +188,4 @@ def test_sampled_statistics_are_exact_over_every_kth_written_image(demo_shards, 
     error = np.abs(moments[::3].mean(axis=0) - moments.mean(axis=0))
     standard_error = moments.std(axis=0, ddof=1) * np.sqrt((1 - n / total) / n)
     assert np.all(error <= 4 * standard_error), (error / standard_error).round(2)
-    np.testing.assert_allclose(stats["mean"], moments[::3, :3].mean(axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(stats.mean, moments[::3, :3].mean(axis=0), rtol=0, atol=1e-12)
