@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, MAX_WORKERS, BuildConfig, build
-from prep.contract import SPLITS
+from prep.contract import IMAGENET_TRAIN_IMAGES, SPLITS
 from prep.errors import BuildError, FetchError, SourceError
 from prep.folder_report import format_report, shard_report, stats_cmd, verify_cmd
 from prep.listed_source import SYNTHETIC
@@ -96,7 +96,7 @@ _progress_option = click.option("--progress/--no-progress", default=True, help="
 @click.option("--stats-every", type=click.IntRange(min=1),
               help="Pixel statistics from every K-th train image in written order (a seeded random sample); "
                    f"default: every image up to {2 * MIN_SAMPLE:,}, else at least {MIN_SAMPLE:,} images, K at most "
-                   f"{MAX_EVERY} (ImageNet: {sample_every(1_281_167)}). 1: exact over every image.")
+                   f"{MAX_EVERY} (ImageNet: {sample_every(IMAGENET_TRAIN_IMAGES)}). 1: exact over every image.")
 @click.option("--prefetch", type=click.IntRange(min=1), default=DEFAULT_PREFETCH, show_default=True,
               help="Hub builds: parquet files on disk at once (the one being read and the next ones downloading).")
 @click.option("--keep-download", type=click.Path(file_okay=False, path_type=Path),

@@ -10,7 +10,8 @@ printed or stored). Our own transfer loop rather than `hf_hub_download` or `HfFi
 out per socket read only (a server trickling a byte every few seconds holds them for days), sleep out
 whatever Retry-After a 429 names, and check no sha256. Every transfer is one ranged GET checked against
 the listing (the file's size; a whole file also its LFS sha256 and the footer read when the source was
-opened), given up below MIN_BYTES_PER_S over RATE_WINDOW_S, and retried from where it stopped; an HTTP
+opened), given up below MIN_BYTES_PER_S over RATE_WINDOW_S spent waiting for data (prep.throughput, the
+rule alextrain's remote reads follow too), and retried from where it stopped; an HTTP
 429 waits at most RATE_LIMIT_MAX_WAIT_S and says so on stderr (the `prep.fetch` logger). Errors become
 SourceError (nothing written yet) or FetchError (mid-build), each one line naming the repo or the file.
 """
@@ -32,11 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prep.errors import FetchError, SourceError
+from prep.text import first_line
+from prep.throughput import MinimumRate, TooSlow
 
 # Failed attempts in a row before a transfer is given up with one line; an attempt that brought at
 # least a rate window's worth of bytes (MIN_BYTES_PER_S x RATE_WINDOW_S) starts the count again.
 DOWNLOAD_TRIES = 3
-MIN_BYTES_PER_S = 10_000  # a transfer slower than this over RATE_WINDOW_S is given up (and retried)
+MIN_BYTES_PER_S = 10_000  # a transfer slower than this over RATE_WINDOW_S of waiting is given up (and retried)
 RATE_WINDOW_S = 60.0  # seconds; also the longest wait for a connection, an answer or the next bytes
 RATE_LIMIT_MAX_WAIT_S = 60.0  # the longest wait after an HTTP 429, whatever its Retry-After asks
 RETRY_WAIT_S = 1.0  # seconds before the first retry, doubling up to 8x that
@@ -50,12 +53,7 @@ def _metadata_from_footer(footer: bytes, where: str) -> pq.FileMetaData:
     try:
         return pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
     except (pa.ArrowException, OSError) as e:
-        raise SourceError(f"{where}: not a readable parquet file ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException, secret: str | None = None) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line.replace(secret, "***") if secret else line
+        raise SourceError(f"{where}: not a readable parquet file ({first_line(e)})") from None
 
 
 class Store(Protocol):
@@ -89,7 +87,7 @@ class LocalStore:
         try:
             self._footers[path] = pq.read_metadata(self.root / path)
         except (pa.ArrowException, OSError) as e:
-            raise SourceError(f"{self.root / path}: not a readable parquet file ({_first_line(e)})") from None
+            raise SourceError(f"{self.root / path}: not a readable parquet file ({first_line(e)})") from None
         return self._footers[path]
 
     def parquet(self, path: str) -> pq.ParquetFile:
@@ -111,24 +109,6 @@ class _RateLimited(_Retry):
         super().__init__("the Hub is rate-limiting: HTTP 429" +
                          (f", Retry-After {retry_after:g} s" if retry_after is not None else ""))
         self.retry_after = retry_after
-
-
-class _Pace:
-    """The minimum-throughput rule: in every RATE_WINDOW_S seconds at least MIN_BYTES_PER_S x RATE_WINDOW_S
-    bytes (or all that remained) must come in, else the attempt is given up as too slow."""
-
-    def __init__(self, remaining: int):
-        self._start, self._remaining, self._got = time.monotonic(), remaining, 0
-
-    def add(self, n: int) -> None:
-        self._got += n
-        elapsed = time.monotonic() - self._start
-        if elapsed < RATE_WINDOW_S:
-            return
-        if self._got < min(MIN_BYTES_PER_S * RATE_WINDOW_S, self._remaining):
-            raise _Retry(f"too slow: {self._got / elapsed:,.1f} bytes/s over {elapsed:,.1f} s, under the "
-                         f"{MIN_BYTES_PER_S:,} bytes/s minimum")
-        self._start, self._remaining, self._got = time.monotonic(), self._remaining - self._got, 0
 
 
 def row_groups(meta: pq.FileMetaData) -> tuple[int, ...]:
@@ -220,7 +200,7 @@ class HubStore:
         try:
             meta = pq.read_metadata(local)
         except (pa.ArrowException, OSError) as e:
-            return f"not a readable parquet file: {_first_line(e)}"
+            return f"not a readable parquet file: {first_line(e)}"
         if path in self._footers and row_groups(meta) != row_groups(self._footers[path]):
             return (f"its row groups hold {sum(row_groups(meta))} rows in {meta.num_row_groups}, its footer read "
                     f"when the build started said {self._footers[path].num_rows} in "
@@ -242,15 +222,18 @@ class HubStore:
         while pos < end:
             began = pos
             try:
-                pace = _Pace(end - pos)
+                rate = MinimumRate(MIN_BYTES_PER_S, RATE_WINDOW_S, remaining=end - pos)
                 with contextlib.closing(self._get(path, pos, end)) as chunks:
+                    asked = time.monotonic()
                     for chunk in chunks:
+                        waited = time.monotonic() - asked  # writing the chunk is not waiting for data
                         write(chunk)
                         pos += len(chunk)
-                        pace.add(len(chunk))
+                        rate.add(len(chunk), waited)
+                        asked = time.monotonic()
             except HfHubHTTPError as e:  # the client's answer to a 4xx: no access, no such file
                 raise FetchError(hub_error(e, self.repo_id, self._token, f"{doing} {path}")) from None
-            except _Retry as e:
+            except (_Retry, TooSlow) as e:
                 failures = 1 if pos - began >= MIN_BYTES_PER_S * RATE_WINDOW_S else failures + 1
                 if failures >= DOWNLOAD_TRIES:
                     raise FetchError(f"{doing} {self.where(path)} failed {failures} times ({e}); "
@@ -287,7 +270,7 @@ class HubStore:
         except (_Retry, HfHubHTTPError):
             raise
         except Exception as e:  # whatever the session's transport raises: refused, reset, cut short, timed out
-            raise _Retry(f"{type(e).__name__}: {_first_line(e, self._token)}") from None
+            raise _Retry(f"{type(e).__name__}: {first_line(e, self._token)}") from None
 
     def _check_answer(self, response, path: str, start: int, end: int) -> None:
         """A 206 for exactly [start, end) of a file of the listed size (or a 200 of the whole file), else raise."""
@@ -368,5 +351,5 @@ def hub_error(e: BaseException, repo_id: str, token: str, doing: str) -> str:
                 f"(HTTP {status}); check the name")
     if isinstance(e, EntryNotFound):
         return f"{repo_id}: {doing}: the file is not there (HTTP {status})"
-    return (f"cannot load {repo_id} from the Hugging Face Hub ({type(e).__name__}: {_first_line(e, token)}): "
+    return (f"cannot load {repo_id} from the Hugging Face Hub ({type(e).__name__}: {first_line(e, token)}): "
             f"check the network and your access; {doing}")

@@ -3,9 +3,9 @@
 waited long enough to time out (a trickle of a byte every few seconds would otherwise hold a read
 for days).
 
-One rule for alextrain's remote shards (train/remote.py) and alexprep's Hub transfers; the caller
-says which seconds count (alextrain counts the seconds spent waiting for data, not those its reader
-spends elsewhere).
+One rule for alextrain's remote shards (train/remote.py) and alexprep's Hub transfers (prep/fetch.py).
+Both count only the seconds spent waiting for data: time the reader spends elsewhere (decoding a batch,
+writing what came to disk) is no fault of the transfer.
 """
 
 from __future__ import annotations
