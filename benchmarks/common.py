@@ -1,6 +1,6 @@
-"""What the benchmarks share: the machine a number belongs to, a device sync, and the photo-like test
-pictures (written once, built into shards with alexprep, streamed through torch's DataLoader for
-comparison).
+"""What the benchmarks share: the machine a number belongs to, the CPU time and memory of a process and
+its workers (from /proc), a device sync, and the photo-like test pictures (written once, built into
+shards with alexprep, streamed through torch's DataLoader for comparison).
 
 numpy, PIL and the project's modules are imported inside the functions that need them.
 """
@@ -10,9 +10,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import resource
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -65,6 +67,85 @@ def machine() -> dict:
         "load_average": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/PID/task/TID/children of each of its threads; [] if it has gone."""
+    pids = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return []
+    for task in tasks:
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return sorted(pids)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (children, their children, ...)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += child_pids(p)
+    return tree
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc/PID/stat (clock ticks); 0 if it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": the comm may hold spaces
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
+
+
+def tree_cpu_s() -> tuple[float, float]:
+    """CPU seconds used so far (by this process (all threads) and its children, by this process alone).
+    The children still there (live or zombie) from /proc, those already waited for (a worker shut down
+    early) from getrusage. The children are read first: one waited for in between would count twice,
+    not never."""
+    children = sum(process_cpu_s(pid) for pid in child_pids(os.getpid()))
+    me, done = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    main = me.ru_utime + me.ru_stime
+    return children + main + done.ru_utime + done.ru_stime, main
+
+
+class ProcessMemory(NamedTuple):
+    """A process's memory in KiB (all 0 once it has gone, or is a zombie).
+
+    RSS counts every resident page the process maps, also the shared library pages that other programs
+    map too, and the pages a forked worker still shares with its parent. PSS splits each page among the
+    processes that share it, so it adds up over a parent and its workers without counting twice; its
+    anonymous part (heap, stacks, shared-memory batches) does not move when unrelated programs start or
+    stop, as the file-backed part does."""
+
+    rss_kib: int  # VmRSS
+    pss_kib: int  # Pss of /proc/PID/smaps_rollup
+    anon_pss_kib: int  # Pss_Anon + Pss_Shmem
+
+
+def process_memory(pid: int | str) -> ProcessMemory:
+    """`pid`'s memory now ("self": this process's)."""
+    rss = _first_value(f"/proc/{pid}/status", "VmRSS:")
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split()[:2] for line in f if line.startswith(("Pss:", "Pss_Anon:", "Pss_Shmem:")))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ProcessMemory(0, 0, 0)
+    if rss is None or not fields:  # gone, or a zombie (no VmRSS line, an empty smaps_rollup)
+        return ProcessMemory(0, 0, 0)
+    return ProcessMemory(int(rss.split()[0]), int(fields["Pss:"]), int(fields["Pss_Anon:"]) + int(fields["Pss_Shmem:"]))
+
+
+def peak_rss_kib(pid: int | str = "self") -> int | None:
+    """The largest RSS `pid` has had (VmHWM; writing 5 to /proc/PID/clear_refs sets it to the RSS now)."""
+    value = _first_value(f"/proc/{pid}/status", "VmHWM:")
+    return int(value.split()[0]) if value is not None else None
 
 
 def sync(device) -> None:

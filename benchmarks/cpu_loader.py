@@ -19,7 +19,7 @@ its threads and the loader workers, from getrusage and /proc/PID/stat), so it ho
 programs share the machine; wall-clock images/s are reported beside it. Torch's intra-op threads are
 set to 1, as DataLoader sets them in its workers.
 Last, the memory of our loader over 3 epochs: the main process's RSS after each epoch and the peak
-anonymous PSS of main process plus workers during it (see `memory_kib`).
+anonymous PSS of main process plus workers during it (see benchmarks.common.ProcessMemory).
 
     .venv/bin/python -m benchmarks.cpu_loader --json /tmp/cpu_loader.json     # about 2 minutes on 2 cores
     .venv/bin/python -m benchmarks.cpu_loader --quick                          # a sanity run, seconds
@@ -32,7 +32,6 @@ import datetime
 import gc
 import io
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -44,7 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import PHOTO_SIZES, QUICK_SIZES, StreamDataset, build_photo_shards, write_photo_tree
+from benchmarks.common import (PHOTO_SIZES, QUICK_SIZES, StreamDataset, build_photo_shards, child_pids, process_memory,
+                               tree_cpu_s, write_photo_tree)
 from prep.contract import IMAGE_SIZE, write_json
 from train.loader import WorkerLoader, decode_batch
 from train.stream import Sample, ShardStream, SplitShards, read_shard
@@ -75,38 +75,6 @@ class Run:
     @property
     def main_us_per_image(self) -> float:
         return 1e6 * self.main_cpu_s / self.images
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc/PID/task/TID/children of each of its threads."""
-    pids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except FileNotFoundError:  # the thread ended meanwhile
-            pass
-    return sorted(pids)
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process, from /proc/PID/stat (clock ticks); 0 if it has gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": the comm may hold spaces
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
-
-
-def tree_cpu_s() -> tuple[float, float]:
-    """CPU seconds used so far (by this process (all threads) and its children, by this process alone).
-    The children still there (live or zombie) from /proc, those already waited for (a worker shut down
-    early) from getrusage. The children are read first: one waited for in between would count twice,
-    not never."""
-    children = sum(process_cpu_s(pid) for pid in child_pids(os.getpid()))
-    me, done = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    main = me.ru_utime + me.ru_stime
-    return children + main + done.ru_utime + done.ru_stime, main
 
 
 def since(images: int, wall: float, cpu: tuple[float, float]) -> Run:
@@ -223,25 +191,6 @@ def dataloader_run(split: SplitShards, batch: int, batches: int, workers: int, s
 # Memory
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, anonymous PSS) of process `pid` in KiB; (0, 0) if it has gone.
-
-    RSS (VmRSS) counts every resident page the process maps, also the shared library pages that other
-    programs map too, and the pages a forked worker still shares with its parent. The anonymous PSS
-    (Pss_Anon + Pss_Shmem of /proc/PID/smaps_rollup: heap, stacks, shared-memory batches) splits each
-    page among the processes that share it, so it adds up over a parent and its workers without counting
-    twice, and unlike the file-backed part it does not move when unrelated programs start or stop.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            fields = dict(line.split()[:2] for line in f if line.startswith(("Pss_Anon:", "Pss_Shmem:")))
-    except (FileNotFoundError, ProcessLookupError, StopIteration):  # gone, or a zombie (no VmRSS line)
-        return 0, 0
-    return rss, int(fields["Pss_Anon:"]) + int(fields["Pss_Shmem:"])
-
-
 def loader_memory(split: SplitShards, *, epochs: int = 3, batch: int = 64, workers: int = 2, steps: int | None = None,
                   seed: int = 0) -> list[dict]:
     """Run `epochs` epochs of `steps` batches (default: one pass over the split) of our loader as
@@ -259,10 +208,11 @@ def loader_memory(split: SplitShards, *, epochs: int = 3, batch: int = 64, worke
             # kept alive by mistake then stays resident in the main process and shows in its RSS.
             images.permute(0, 2, 3, 1).reshape(-1)[::4096].sum()  # a view: the batch is channels_last
             children = child_pids(me)
-            peak = max(peak, sum(memory_kib(p)[1] for p in [me, *children]))
+            peak = max(peak, sum(process_memory(p).anon_pss_kib for p in [me, *children]))
             seen = max(seen, len(children))
         gc.collect()
-        records.append({"epoch": epoch + 1, "main_rss_kib": memory_kib(me)[0], "peak_anon_pss_kib": peak, "workers_seen": seen})
+        records.append({"epoch": epoch + 1, "main_rss_kib": process_memory(me).rss_kib, "peak_anon_pss_kib": peak,
+                        "workers_seen": seen})
     return records
 
 

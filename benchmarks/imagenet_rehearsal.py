@@ -13,9 +13,10 @@ ImageNet's 1,282 + 50 at any fraction. Steps, each in its own process:
      shard written), the peak disk inside `--out` and outside it (HF_HOME, TMPDIR), the peak RSS and
      PSS and open files of the process tree; then `alexprep verify`, and what finishing one shard of
      1,000 of its samples costs a worker (time, and RSS above what the worker held before);
-  3. the trainer's loader (train.stream + train.loader, `--workers`, batch 128): one epoch over the
-     1,282 train shards, images per CPU-second against a small set of the same pictures (8 shards, a
-     `--limit` build), and the memory over the epoch;
+  3. the trainer's loader (train.stream's ShardStream + train.loader's WorkerLoader, the host batches
+     alextrain's DeviceLoader takes, `--workers`, batch 128): one epoch over the 1,282 train shards,
+     images per CPU-second (benchmarks.common.tree_cpu_s) against a small set of the same pictures
+     (8 shards, a `--limit` build), and the memory over the epoch;
   4. `alextrain` (alexnet-bn, 64 px crops, 8 steps of 16, checkpoint every 2 steps) run through, and
      run again killed after step 5 and resumed with `--resume`: the same losses and final weights;
 and prints a projection to the full dataset on `--cores` cores. Needs about 22 GB x fraction of free
@@ -32,8 +33,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -44,9 +43,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT, machine, peak_rss_kib, process_memory, process_tree, tree_cpu_s
+from prep.contract import IMAGENET_TRAIN_IMAGES
+
 ALEXPREP = str(Path(sys.executable).with_name("alexprep"))
-IMAGENET_ROWS = {"train": 1_281_167, "validation": 50_000, "test": 100_000}
+IMAGENET_ROWS = {"train": IMAGENET_TRAIN_IMAGES, "validation": 50_000, "test": 100_000}
 IMAGENET_FILES = {"train": 294, "validation": 14, "test": 28}
 IMAGENET_PARQUET_GB = 155  # train + validation + test on the Hub (design.md)
 IMAGENET_MS_PER_IMAGE = 2.0  # CPU ms per real ImageNet image, the build as on ImageNet (docs/benchmarks.md)
@@ -70,42 +71,12 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants, from /proc."""
-    parents = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                pass
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += [c for c, parent in parents.items() if parent == p]
-    return tree
-
-
-@dataclass
-class ProcessSample:
-    rss_kib: int
-    pss_kib: int
-    open_files: int
-
-
-def sample_process(pid: int) -> ProcessSample | None:
-    """RSS, PSS (each shared page split among its sharers) and open files of `pid`; None if it has gone."""
+def open_files(pid: int) -> int:
+    """File descriptors `pid` holds; 0 if it has gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            pss = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-        files = len(os.listdir(f"/proc/{pid}/fd"))
-    except (FileNotFoundError, ProcessLookupError, StopIteration, PermissionError):
-        return None
-    return ProcessSample(rss, pss, files)
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
 
 
 @dataclass
@@ -157,12 +128,12 @@ def watch(cmd: list[str], env: dict[str, str], out: Path | None = None, outside:
         loads = []
         while not done.is_set():
             now = time.monotonic() - start
-            samples = {p: s for p in process_tree(proc.pid) if (s := sample_process(p)) is not None}
-            w.peak_rss_mib = max(w.peak_rss_mib, sum(s.rss_kib for s in samples.values()) / 1024)
-            w.peak_pss_mib = max(w.peak_pss_mib, sum(s.pss_kib for s in samples.values()) / 1024)
-            w.peak_open_files = max(w.peak_open_files, sum(s.open_files for s in samples.values()))
-            for p, s in samples.items():
-                w.rss_kib.setdefault(p, []).append((now, s.rss_kib))
+            memory = {p: m for p in process_tree(proc.pid) if (m := process_memory(p)).rss_kib}  # gone: all 0
+            w.peak_rss_mib = max(w.peak_rss_mib, sum(m.rss_kib for m in memory.values()) / 1024)
+            w.peak_pss_mib = max(w.peak_pss_mib, sum(m.pss_kib for m in memory.values()) / 1024)
+            w.peak_open_files = max(w.peak_open_files, sum(open_files(p) for p in memory))
+            for p, m in memory.items():
+                w.rss_kib.setdefault(p, []).append((now, m.rss_kib))
             if out is not None:
                 w.peak_disk_out_gb = max(w.peak_disk_out_gb, disk_bytes(out) / 1e9)
             w.peak_disk_outside_gb = max(w.peak_disk_outside_gb, sum(disk_bytes(f) for f in outside) / 1e9)
@@ -239,21 +210,16 @@ def run_build(label: str, pythonpath: Path, out: Path, args: argparse.Namespace,
 
 def loader_epoch(folder: str, workers: int, batch: int, steps: int | None) -> None:
     """One epoch of the trainer's loader over `folder`'s train split, decoded on the CPU; prints one JSON line."""
-    import torch
-
-    from train.loader import make_loader
+    from train.loader import WorkerLoader
     from train.stream import ShardStream, open_shards
 
     split = open_shards(folder, ("train",)).split("train")
     steps = steps or split.num_samples // batch
     stream = ShardStream(split, batch, train=True, steps=steps)
-    before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    start, images = time.monotonic(), 0
-    for batch_ in make_loader(stream, workers, torch.device("cpu")):
+    cpu, start, images = tree_cpu_s()[0], time.monotonic(), 0
+    for batch_ in WorkerLoader(stream, workers):
         images += len(batch_.labels)
-    wall = time.monotonic() - start
-    after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))  # workers reaped
+    wall, cpu = time.monotonic() - start, tree_cpu_s()[0] - cpu  # the workers' CPU included
     print(json.dumps({"shards": len(split.urls), "images": images, "wall_s": wall, "cpu_s": cpu}))
 
 
@@ -264,7 +230,7 @@ def finishing_cost(folder: str, samples: int, repeat: int) -> None:
     import numpy as np
 
     from prep.build import FinishJob, entry_bytes, finish_shard
-    from prep.contract import FIELDS, iter_samples
+    from prep.contract import CLS, FIELDS, JPG, iter_samples
     from prep.image import jpeg_sums
     from prep.tar_format import sample_members
     from prep.workers import Sample
@@ -273,9 +239,9 @@ def finishing_cost(folder: str, samples: int, repeat: int) -> None:
     for shard in sorted(Path(folder).glob("train-*.tar")):
         with open(shard, "rb") as f:
             for key, fields in iter_samples(f):
-                sums = jpeg_sums(fields["jpg"]) if len(entries) % 8 == 0 else None
+                sums = jpeg_sums(fields[JPG]) if len(entries) % 8 == 0 else None
                 members = sample_members(key, [(name, fields[name]) for name in FIELDS])
-                entries.append(entry_bytes(Sample(len(entries), key, int(fields["cls"]), members, sums)))
+                entries.append(entry_bytes(Sample(len(entries), key, int(fields[CLS]), members, sums)))
                 if len(entries) == samples:
                     break
         if len(entries) == samples:
@@ -287,19 +253,14 @@ def finishing_cost(folder: str, samples: int, repeat: int) -> None:
         partial.write_bytes(b"".join(reversed(entries)))
         job = FinishJob(partial, work / f"{n}.tar", work / f"{n}.json", np.arange(len(entries)), sums=True)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        rss = _status_kib("VmRSS")
+        rss = process_memory("self").rss_kib
         start = time.perf_counter()
         size = finish_shard(job).size
         seconds.append(time.perf_counter() - start)
-        extra.append(_status_kib("VmHWM") - rss)
+        extra.append(peak_rss_kib() - rss)
     shutil.rmtree(work)
     print(json.dumps({"samples": len(entries), "shard_bytes": size, "seconds": min(seconds),
                       "extra_rss_kib": max(extra)}))
-
-
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(f"{field_name}:"))
 
 
 def run_finishing_cost(folder: Path, env: dict[str, str]) -> dict:
@@ -434,10 +395,8 @@ def main() -> None:
 
     from prep.contract import imagenet_classes
 
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-                                f"Python {platform.python_version()}",
-                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "command": " ".join(sys.argv),
                      "fraction": args.fraction, "workers": args.workers, "shard_size": args.shard_size, "rows": rows,
                      "load_at_start": os.getloadavg()}
     baseline_src = None
@@ -513,7 +472,9 @@ def main() -> None:
 
 def report(r: dict) -> None:
     """The results as markdown tables."""
-    print(f"\n{r['machine']}; {r['date']}; fraction {r['fraction']}, --workers {r['workers']}, --shard-size "
+    m = r["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB, Python {m['python']}, {m['pillow']}; "
+          f"{r['date']}; fraction {r['fraction']}, --workers {r['workers']}, --shard-size "
           f"{r['shard_size']}; load {r['load_at_start'][0]:.1f} at the start, {r['load_at_end'][0]:.1f} at the end")
     runs = [("baseline", r["baseline"])] if "baseline" in r else []
     runs.append(("this tree", r["ours"]))

@@ -12,20 +12,21 @@ import os
 
 import pytest
 
-from benchmarks.cpu_loader import loader_memory, memory_growth, memory_kib
+from benchmarks.common import ProcessMemory, process_memory
+from benchmarks.cpu_loader import loader_memory, memory_growth
 from train.stream import open_shards
 
 
 def test_memory_reading_sees_an_allocation():
     # An anonymous mapping of its own gets fresh pages: malloc could hand back pages that earlier tests
     # left resident, and then RSS would not move.
-    rss0, anon0 = memory_kib(os.getpid())
+    before = process_memory(os.getpid())
     with mmap.mmap(-1, 64 << 20) as block:  # 64 MiB
         for page in range(0, len(block), mmap.PAGESIZE):
             block[page] = 1  # touched: resident now
-        rss1, anon1 = memory_kib(os.getpid())
-    assert rss1 - rss0 >= 60 << 10 and anon1 - anon0 >= 60 << 10
-    assert memory_kib(2**22 + 1) == (0, 0)  # above Linux's largest pid: a process that is not there
+        after = process_memory(os.getpid())
+    assert all(a - b >= 60 << 10 for a, b in zip(after, before))  # RSS, PSS and its anonymous part
+    assert process_memory(2**22 + 1) == ProcessMemory(0, 0, 0)  # above Linux's largest pid: a process that is not there
 
 
 def test_growth_is_measured_from_the_first_epoch():
@@ -40,5 +41,5 @@ def test_loader_memory_is_flat_over_three_epochs(demo_shards):
     records = loader_memory(split, epochs=3, batch=16, workers=2)
     assert [(r["epoch"], r["workers_seen"]) for r in records] == [(1, 2), (2, 2), (3, 2)]
     # The workers are in the sum: it exceeds the main process's own anonymous PSS, now that they are gone.
-    assert all(r["peak_anon_pss_kib"] > memory_kib(os.getpid())[1] for r in records)
+    assert all(r["peak_anon_pss_kib"] > process_memory(os.getpid()).anon_pss_kib for r in records)
     assert memory_growth(records)["main_rss_kib"] < 0.05, records
