@@ -48,12 +48,11 @@ from prep.source import PartRequest, RowReader, Source, Staging
 from prep.stats import PixelSums, sample_every
 from prep.synthetic import MAX_PER_CLASS
 from prep.tar_format import archive_end
-from prep.workers import CHUNK, Chunk, Pending, Sample, Task, Workers
+from prep.workers import CHUNK, MAX_WORKERS, Chunk, Pending, Sample, Task, Workers
 
 DEFAULT_SHARD_SIZE = 1000  # about 30 MB of 256 px q90 JPEGs; 1,282 train shards for ImageNet-1k
 MAX_SHARD_SIZE = 100_000  # a finishing worker puts a shard in order in memory: 2-3 GB at this size
 DEFAULT_PREFETCH = 3  # parquet files on disk at once for a Hub build (the one being read + downloads)
-MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than 4 per core only add memory
 PARTIAL_DIR = "partial"  # .build/partial/{split}-NNNNNN.partial: entries of an unfinished shard, in arrival order
 SIDECAR_DIR = "sidecars"  # .build/sidecars/{split}-NNNNNN.json: a finished shard's record
 DOWNLOAD_DIR = "download"  # .build/download/: whole source files waiting to be read (prep/parquet_source.py)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import click
 
-from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, MAX_WORKERS, BuildConfig, build
+from prep.build import DEFAULT_PREFETCH, DEFAULT_SHARD_SIZE, BuildConfig, build
 from prep.contract import IMAGENET_TRAIN_IMAGES, SPLITS
 from prep.errors import BuildError, FetchError, SourceError
 from prep.folder_report import format_report, shard_report, stats_cmd, verify_cmd
 from prep.listed_source import SYNTHETIC
 from prep.open_source import HUB_ID
 from prep.stats import MAX_EVERY, MIN_SAMPLE, sample_every
+from prep.workers import MAX_WORKERS
 
 DEMO_OUT = "shards/demo"
 DEMO_SHARD_SIZE = 250  # the demo's 1,000 train images -> 4 shards, 200 validation images -> 1

@@ -49,6 +49,7 @@ from prep.contract import (
 from prep.figures import SPLIT_COLOURS, VIZ_INSTALL, new_figure, save_png
 from prep.image import SkipImage, open_jpeg
 from prep.text import fit
+from prep.workers import MAX_WORKERS
 
 VIZ_HINT = f"--plot needs matplotlib: {VIZ_INSTALL}"
 MAX_SAMPLE_PROBLEMS = 10  # per shard; a systematically broken shard would otherwise print every sample
@@ -446,7 +447,8 @@ def stats_cmd(folder: Path, as_json: bool, plot: Path | None) -> None:
 
 @click.command("verify")
 @click.argument("folder", default="shards", type=click.Path(path_type=Path))
-@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True, help="Processes checking shards in parallel.")
+@click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=os.cpu_count() or 1, show_default=True,
+              help=f"Processes checking shards in parallel (at most {MAX_WORKERS}: 4 per core).")
 @click.pass_context
 def verify_cmd(ctx: click.Context, folder: Path, workers: int) -> None:
     """Check every shard of FOLDER against its _info.json: hashes, sizes, counts, every image."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import signal
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from prep.stats import PixelSums
 from prep.tar_format import sample_members
 
 CHUNK = 8  # rows per worker task: amortises IPC without starving workers at the end of a split
+MAX_WORKERS = 4 * (os.cpu_count() or 1)  # alexprep's processes (build, verify): more than 4 per core only add memory
 T = TypeVar("T")
 R = TypeVar("R")
 M = TypeVar("M")

@@ -22,13 +22,14 @@ from quirk_images import write_quirk_files
 
 import prep.build
 from prep import synthetic
-from prep.build import MAX_WORKERS, BuildConfig, build, build_shards, plan_split
+from prep.build import BuildConfig, build, build_shards, plan_split
 from prep.contract import FIELDS, INFO_NAME, SPLITS, STATS_NAME, imagenet_classes, read_info, shard_name
 from prep.errors import BuildError, FetchError, SourceError
 from prep.image import pillow_flavour, process
 from prep.open_source import open_source
 from prep.out_folder import BUILD_DIR, BuildRecord, claim
 from prep.tar_format import tar_header
+from prep.workers import MAX_WORKERS
 
 SMALL = {"per_class": {"train": 6, "validation": 3}, "shard_size": 8}  # 60 + 30 inputs, 8 + 4 shards
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from quirk_images import write_quirk_files
 
-from prep.build import MAX_WORKERS
+from prep.workers import MAX_WORKERS
 from prep.cli import main
 from prep.contract import INFO_NAME, STATS_NAME, read_info, read_stats
 from prep.image import pillow_flavour
@@ -148,6 +148,12 @@ def test_stats_and_verify_are_registered(demo_shards):
     assert code == 0 and "ok" in output.splitlines()[-1], output
     code, output = run("stats", str(demo_shards))
     assert code == 0, output
+
+
+def test_verify_workers_are_bounded_as_the_builds_are(demo_shards):
+    # --workers 99999999999999999999 started a pool without limit
+    code, output = run("verify", str(demo_shards), "--workers", "99999999999999999999")
+    assert code == 2 and f"Invalid value for '--workers': 99999999999999999999 is not in the range 1<=x<={MAX_WORKERS}" in output
 
 
 @pytest.mark.slow
