@@ -130,6 +130,11 @@ def test_predict_and_eval_errors(tmp_path):
     not_image.write_text("not a picture")
     assert error_line(invoke("predict", "--checkpoint", str(tmp_path), str(not_image))) == f"{tmp_path / 'last.pt'}: no checkpoint here"
     assert error_line(invoke("eval", "--checkpoint", str(tmp_path / "x.pt"))) == f"{tmp_path / 'x.pt'}: no checkpoint here"
+    # As in training: 16 workers x 4 slots x 100,000 images is more memory than any machine here has, said
+    # in one line before anything is read (the loader's shared-memory slots failed with ENOMEM).
+    line = error_line(invoke("eval", "--checkpoint", str(tmp_path / "x.pt"), "--batch-size", "100000", "--workers", "16"))
+    assert re.fullmatch(r"batch_size 100000: the loader's batches take 1258\.3 GB \(16 workers x 4 batches of 100000 x 196,608 "
+                        r"bytes\), more than the \d+\.\d GB of memory available here", line), line
 
 
 # A run of two steps that costs seconds: BatchNorm AlexNet on 64 px crops, no loader processes.

@@ -15,7 +15,7 @@ from prep.contract import ContractError
 from train import dist
 from train.augment import StatsTensors, eval_views
 from train.checkpoint import CheckpointError
-from train.loader import DeviceLoader
+from train.loader import DeviceLoader, check_host_memory
 from train.metrics import topk_correct
 from train.pretrained import ModelRef
 from train.stream import ShardStream, SplitShards, open_shards
@@ -126,6 +126,8 @@ def evaluate_checkpoint(
     (by default the folder it was trained on); works under torchrun too. Returns evaluate()'s numbers
     plus what was evaluated."""
     ref = path if isinstance(path, ModelRef) else ModelRef(checkpoint=path)
+    workers = dist.default_workers() if workers is None else workers
+    check_host_memory(batch_size, workers)  # before anything is read: the loader's slots would fail with ENOMEM
     dev = dist.resolve_device(device)
     world = dist.init(dev.type)
     try:
@@ -142,7 +144,7 @@ def evaluate_checkpoint(
         if [c.wnid for c in folder.classes] != [c["wnid"] for c in trained.classes]:
             raise ContractError(f"{location}: its classes differ from the {len(trained.classes)} the model was trained on")
         result = evaluate(model, folder.split("validation"), trained.stats, dev, scaling=trained.scaling, batch_size=batch_size, crop_size=trained.crop_size,
-                          mode=mode, workers=dist.default_workers() if workers is None else workers, rank=world.rank, world_size=world.world_size)
+                          mode=mode, workers=workers, rank=world.rank, world_size=world.world_size)
     finally:
         dist.teardown()
     return {**trained.origin, "shards": location, "mode": mode, "epoch": trained.epoch, **result}
