@@ -1,25 +1,30 @@
 """What the benchmarks share: the machine a number belongs to, the CPU time and memory of a process and
-its workers (from /proc), a device sync, and the photo-like test pictures (written once, built into
-shards with alexprep, streamed through torch's DataLoader for comparison).
+its workers (from /proc), a device sync, the photo-like test pictures (written once, built into shards
+with alexprep, streamed through torch's DataLoader for comparison), and the stand-in Hub
+(tests/hubstub.py) served from a process of its own for `alexprep` commands.
 
 numpy, PIL and the project's modules are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import multiprocessing
 import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 ROOT = Path(__file__).resolve().parents[1]
+ALEXPREP = str(Path(sys.executable).with_name("alexprep"))  # the console script installed beside this Python
 # Sizes of typical ImageNet training photos (width, height); the mean ImageNet image is about 400 x 350.
 PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (400, 300), (333, 500), (500, 400))
 QUICK_SIZES = ((200, 150), (150, 200))
@@ -215,3 +220,38 @@ class StreamDataset(IterableDataset):
         # DataLoader, too, takes batches from its workers in turn, worker 0 first.
         for batch in self.stream.batches(reader_of(worker, workers, self.stream), workers):
             yield tuple(decode_batch(batch))
+
+
+def hub_env(hf_home: Path) -> dict[str, str]:
+    """This process's environment for a command that uses the stand-in Hub: none of the caller's
+    Hugging Face settings, `hf_home` (made here) as HF_HOME, the stand-in's token, no telemetry or
+    progress bars. HF_ENDPOINT comes from `stand_in_hub`."""
+    from tests.hubstub import DEFAULT_TOKEN
+
+    hf_home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(HF_HOME=str(hf_home), HF_TOKEN=DEFAULT_TOKEN, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    return env
+
+
+@contextlib.contextmanager
+def stand_in_hub(repo: Path, bandwidth: float | None = None) -> Iterator[str]:
+    """tests/hubstub.py serving the repo folder `repo` (tests.hubstub.make_imagenet_like_repo) from a
+    process of its own, at most `bandwidth` bytes/s of file content over the whole server; yields its
+    HF_ENDPOINT."""
+    command = [sys.executable, "-m", "tests.hubstub", "--root", str(repo), "--port", "0"]
+    if bandwidth is not None:
+        command += ["--bandwidth", str(bandwidth)]
+    stub = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        yield stub.stdout.readline().rsplit("HF_ENDPOINT=", 1)[1].strip()
+    finally:
+        stub.terminate()
+        stub.wait()
+        stub.stdout.close()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each shard and of stats.json of a shard folder, by name: equal for byte-identical builds."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.suffix == ".tar" or p.name == "stats.json"}

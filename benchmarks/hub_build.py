@@ -10,24 +10,21 @@ Unless `--bandwidth` is given, the limit is set so that the download takes about
 where overlap matters most (the sum would be twice either). Wall seconds; the shards of 1 and 3 are
 checked to be byte-identical.
 
-    .venv/bin/python benchmarks/hub_build.py --json /tmp/hub_build.json
+    .venv/bin/python -m benchmarks.hub_build --json /tmp/hub_build.json
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ALEXPREP = str(Path(sys.executable).with_name("alexprep"))
+from benchmarks.common import ALEXPREP, folder_digests, hub_env, machine, stand_in_hub
 
 
 def timed(args: list[str], env: dict[str, str]) -> float:
@@ -38,10 +35,6 @@ def timed(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def shard_digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-rows", type=int, default=96, help="rows per train file (24 files)")
@@ -50,8 +43,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, help="bytes/s; default: repo bytes / CPU-only seconds")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hubstub import DEFAULT_TOKEN, make_imagenet_like_repo
+    from tests.hubstub import make_imagenet_like_repo
 
     with tempfile.TemporaryDirectory(prefix="hub-build-bench-") as tmp:
         tmp = Path(tmp)
@@ -59,30 +51,21 @@ def main() -> None:
         needed = [f for f in summary.files if f.split in ("train", "validation")]
         size = sum(f.bytes for f in needed)
         rows = sum(f.rows for f in needed)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-        env.update(HF_HOME=str(tmp / "hf-home"), HF_TOKEN=DEFAULT_TOKEN, HF_HUB_DISABLE_TELEMETRY="1",
-                   HF_HUB_DISABLE_PROGRESS_BARS="1")
+        env = hub_env(tmp / "hf-home")
         build = ["build-shards", "--shard-size", "100", "--workers", str(args.workers), "--no-progress"]
         cpu = timed([ALEXPREP, *build, "--out", str(tmp / "local"), "--source", str(tmp / "repo")], env)
         bandwidth = args.bandwidth or size / cpu
 
-        stub = subprocess.Popen([sys.executable, "-m", "tests.hubstub", "--root", str(tmp / "repo"), "--port", "0",
-                                 "--bandwidth", str(bandwidth)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        try:
-            line = stub.stdout.readline()
-            env["HF_ENDPOINT"] = line.rsplit("HF_ENDPOINT=", 1)[1].strip()
+        with stand_in_hub(tmp / "repo", bandwidth) as endpoint:
+            env["HF_ENDPOINT"] = endpoint
             download = timed([sys.executable, "-c", "import sys, huggingface_hub as h; h.snapshot_download("
                               "'ILSVRC/imagenet-1k', repo_type='dataset', local_dir=sys.argv[1], "
                               "allow_patterns=['data/train-*', 'data/validation-*'])", str(tmp / "download")], env)
             hub = timed([ALEXPREP, *build, "--out", str(tmp / "hub"), "--prefetch", str(args.prefetch)], env)
-        finally:
-            stub.terminate()
-            stub.wait()
-        same = shard_digests(tmp / "hub") == shard_digests(tmp / "local")
+        same = folder_digests(tmp / "hub") == folder_digests(tmp / "local")
 
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-                   f"{platform.python_version()}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "parquet_bytes": size, "images": rows, "bandwidth_bytes_per_s": round(bandwidth),
         "workers": args.workers, "prefetch": args.prefetch,
@@ -98,7 +81,7 @@ def main() -> None:
     print(f"| Hub build (download and processing overlapped) | {hub:.2f} |")
     print(f"| Hub build / max(download, CPU) | {results['hub_over_max']:.2f} |")
     print(f"| Hub build / (download + CPU) | {results['hub_over_sum']:.2f} |")
-    print(f"shards identical to the local build: {same}")
+    print(f"shards and stats.json identical to the local build's: {same}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -30,7 +30,7 @@ hashed).
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -43,10 +43,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import ROOT, machine, peak_rss_kib, process_memory, process_tree, tree_cpu_s
+from benchmarks.common import (ALEXPREP, ROOT, folder_digests, hub_env, machine, peak_rss_kib, process_memory, process_tree,
+                               stand_in_hub, tree_cpu_s)
 from prep.contract import IMAGENET_TRAIN_IMAGES
 
-ALEXPREP = str(Path(sys.executable).with_name("alexprep"))
 IMAGENET_ROWS = {"train": IMAGENET_TRAIN_IMAGES, "validation": 50_000, "test": 100_000}
 IMAGENET_FILES = {"train": 294, "validation": 14, "test": 28}
 IMAGENET_PARQUET_GB = 155  # train + validation + test on the Hub (design.md)
@@ -158,12 +158,6 @@ def watch(cmd: list[str], env: dict[str, str], out: Path | None = None, outside:
 
 def mtimes(folder: Path, pattern: str) -> list[float]:
     return sorted(p.stat().st_mtime for p in folder.glob(pattern))
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """sha256 of each shard and of stats.json, by name."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.suffix == ".tar" or p.name == "stats.json"}
 
 
 def build_phases(w: Watch, out: Path, started: float, files: dict[str, int]) -> dict[str, float]:
@@ -390,17 +384,14 @@ def main() -> None:
     if shutil.disk_usage(work).free < need:
         raise SystemExit(f"{work}: {shutil.disk_usage(work).free / 1e9:.1f} GB free, the rehearsal needs about "
                          f"{need / 1e9:.1f} GB at fraction {args.fraction}")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hubstub import DEFAULT_TOKEN, make_imagenet_like_repo
-
     from prep.contract import imagenet_classes
+    from tests.hubstub import make_imagenet_like_repo
 
     results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "command": " ".join(sys.argv),
                      "fraction": args.fraction, "workers": args.workers, "shard_size": args.shard_size, "rows": rows,
                      "load_at_start": os.getloadavg()}
-    baseline_src = None
-    stub = None
+    baseline_src, hub = None, contextlib.ExitStack()  # hub: the stand-in Hub's process, once started
     try:
         start = time.monotonic()
         summary = make_imagenet_like_repo(work / "repo", files=IMAGENET_FILES, split_rows=rows, row_group_size=ROW_GROUP,
@@ -413,20 +404,15 @@ def main() -> None:
         # (measured without: the build run first took 1.2-2x the next; with, on the same repo, 113 s and 109 s).
         os.sync()
         print(f"repo: {len(summary.files)} parquet files, {summary.total_bytes / 1e9:.2f} GB, {rows} rows", flush=True)
-        stub = subprocess.Popen([sys.executable, "-m", "tests.hubstub", "--root", str(work / "repo"), "--port", "0"],
-                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        endpoint = stub.stdout.readline().rsplit("HF_ENDPOINT=", 1)[1].strip()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-        (work / "hf-home").mkdir(exist_ok=True)
         (work / "tmp").mkdir(exist_ok=True)
-        env.update(HF_ENDPOINT=endpoint, HF_HOME=str(work / "hf-home"), HF_TOKEN=DEFAULT_TOKEN, TMPDIR=str(work / "tmp"),
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(ROOT))
+        env = {**hub_env(work / "hf-home"), "HF_ENDPOINT": hub.enter_context(stand_in_hub(work / "repo")),
+               "TMPDIR": str(work / "tmp"), "PYTHONPATH": str(ROOT)}
 
         if args.baseline:
             baseline_src = baseline_tree(args.baseline, work)
             results["baseline"] = run_build("baseline", baseline_src, work / "baseline", args, env, work)
             results["baseline"]["ref"] = args.baseline
-            baseline_digests = digests(work / "baseline")
+            baseline_digests = folder_digests(work / "baseline")
             shutil.rmtree(work / "baseline")  # the disk it takes is needed for ours at fraction 1
             print(f"baseline {args.baseline}: {results['baseline']['total_s']:.1f} s", flush=True)
         ours = results["ours"] = run_build("ours", ROOT, work / "shards", args, env, work)
@@ -435,7 +421,7 @@ def main() -> None:
         if args.baseline:
             base = results["baseline"]
             base["train_images"], base["images"] = rows["train"], rows["train"] + rows["validation"]
-            results["identical_to_baseline"] = digests(work / "shards") == baseline_digests
+            results["identical_to_baseline"] = folder_digests(work / "shards") == baseline_digests
             results["ratios"] = {"train_finishing": ours["train_finishing_s"] / base["train_finishing_s"],
                                  "total": ours["total_s"] / base["total_s"]}
 
@@ -457,9 +443,7 @@ def main() -> None:
                              "small_set": run_loader(small, args, env, min(200, rows["train"] // 128) or None)}
         results["resume"] = run_resume(work / "shards", work, env)
     finally:
-        if stub is not None:
-            stub.terminate()
-            stub.wait()
+        hub.close()
         if baseline_src is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline_src)], check=True)
         if not args.keep:
