@@ -3,8 +3,8 @@
 A folder is taken (`claim`) if it is new or empty, or if `.build/options.json` records this very build
 (one this command started and a kill stopped); it is complete if its `_info.json` records this very
 build (a BuildRecord: options, Pillow build and a digest of the inputs): then nothing is written (a
-`.build/` left beside it goes). Anything else is refused in one line and left untouched. While a build runs it holds an exclusive lock on `.build/lock`,
-so a second build of the same folder is refused. Everything under `.build/` is the build's own
+`.build/` left beside it goes). Anything else is refused in one line and left untouched. While a build
+runs it holds an exclusive lock on `.build/lock`, so a second build of the same folder is refused. Everything under `.build/` is the build's own
 bookkeeping; once `_info.json` is written, `.build/` goes (`Claim.done`), and the folder holds the shards,
 `_info.json` and `stats.json` only. A build deletes nothing else but its own temporaries (`.tmp-NAME.*`
 of the files it writes, prep.contract.atomic_write) and leaves every other file alone.
