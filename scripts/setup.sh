@@ -22,6 +22,6 @@ if ! .venv/bin/python -c 'import PIL, sys; sys.exit(0 if ".post" in PIL.__versio
         fi
     fi
     CC="cc -mavx2" pip install -q --no-cache-dir --no-deps --force-reinstall "pillow-simd==12.1.1.post0" \
-        || echo "setup: pillow-simd did not build; staying on plain Pillow (slower, same results)" >&2
+        || echo "setup: pillow-simd did not build; staying on plain Pillow (slower; its JPEG bytes differ from a pillow-simd build, and _info.json records which one built a folder)" >&2
 fi
 .venv/bin/python -c 'import PIL; print(f"setup: done; PIL {PIL.__version__}")'
