@@ -364,6 +364,20 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     return start, end
 
 
+def _file_head(entry: _Entry, commit_oid: str, range_header: str | None) -> tuple[int, dict, int, int]:
+    """The status, headers and body span [start, end) of the answer to a resolve request for `entry`."""
+    headers = {"X-Repo-Commit": commit_oid, "ETag": f'"{entry.etag}"', "Accept-Ranges": "bytes",
+               "Content-Type": "application/octet-stream"}
+    if entry.lfs_pointer_size is not None:
+        headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
+    start, end, status = 0, entry.size, 200
+    if range_header is not None:
+        start, end = _parse_range(range_header, entry.size)
+        status, headers["Content-Range"] = 206, f"bytes {start}-{end - 1}/{entry.size}"
+    headers["Content-Length"] = str(end - start)
+    return status, headers, start, end
+
+
 # --- model repos: the write side (create_repo, create_branch, create_commit) and hf_hub_download of a model ---------
 
 WRITE_USER = "alexuser"  # the namespace WRITE_TOKEN may create model repos in
@@ -791,16 +805,7 @@ class _ModelEndpoints:
         blob = commit.files.get(path)
         if blob is None:
             raise _HubError(404, "EntryNotFound", f"{path} does not exist on \"{revision}\"")
-        e = blob.entry
-        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{e.etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
-        if e.lfs_pointer_size is not None:
-            headers.update({"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)})
-        start, end, status = 0, e.size, 200
-        if self.headers.get("Range") is not None:
-            start, end = _parse_range(self.headers["Range"], e.size)
-            status, headers["Content-Range"] = 206, f"bytes {start}-{end - 1}/{e.size}"
-        headers["Content-Length"] = str(end - start)
+        status, headers, start, end = _file_head(blob.entry, commit.oid, self.headers.get("Range"))
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -979,16 +984,7 @@ class _Handler(_ModelEndpoints, BaseHTTPRequestHandler):
         content = self.hub._take("serve_instead", path)
         if content is not None:
             entry = _entry_of(content, entry.lfs_pointer_size is not None)
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{entry.etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
-        if entry.lfs_pointer_size is not None:
-            headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
-        start, end, status = 0, entry.size, 200
-        if self.headers.get("Range") is not None:
-            start, end = _parse_range(self.headers["Range"], entry.size)
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
-        headers["Content-Length"] = str(end - start)
+        status, headers, start, end = _file_head(entry, COMMIT, self.headers.get("Range"))
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
