@@ -10,7 +10,6 @@ import functools
 import hashlib
 import http.server
 import json
-import os
 import threading
 import time
 from pathlib import Path
